@@ -1,0 +1,1 @@
+//! Warren broker library: configuration, server, connections and the routing core.

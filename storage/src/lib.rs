@@ -1,0 +1,1 @@
+//! Warren persistent store (definitions and message segments); synchronous by design.

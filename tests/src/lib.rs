@@ -1,0 +1,1 @@
+//! Test harness: start the real warren binary on a free port with its own data directory.
