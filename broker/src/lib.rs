@@ -1,1 +1,3 @@
 //! Warren broker library: configuration, server, connections and the routing core.
+
+pub mod error;
