@@ -50,9 +50,9 @@ async fn connect_open_100_channels_close_cleanly() {
 async fn wrong_password_is_an_error() {
     let target = Target::from_env().unwrap();
     let res = Connection::open(&args(&target, "guest", "wrong-password", "/")).await;
-    let err = res
-        .err()
-        .expect("connecting with a wrong password must fail");
+    let Err(err) = res else {
+        panic!("connecting with a wrong password must fail")
+    };
     eprintln!("amqprs error: {err}");
 }
 
@@ -60,7 +60,9 @@ async fn wrong_password_is_an_error() {
 async fn unknown_vhost_is_an_error() {
     let target = Target::from_env().unwrap();
     let res = Connection::open(&args(&target, "guest", "guest", "no-such-vhost")).await;
-    let err = res.err().expect("connecting to a missing vhost must fail");
+    let Err(err) = res else {
+        panic!("connecting to a missing vhost must fail")
+    };
     eprintln!("amqprs error: {err}");
     let text = err.to_string();
     assert!(

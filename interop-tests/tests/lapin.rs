@@ -53,9 +53,9 @@ async fn wrong_password_is_an_error() {
         ConnectionProperties::default(),
     )
     .await;
-    let err = res
-        .err()
-        .expect("connecting with a wrong password must fail");
+    let Err(err) = res else {
+        panic!("connecting with a wrong password must fail")
+    };
     eprintln!("lapin error: {err}");
     let text = err.to_string();
     assert!(
@@ -72,7 +72,9 @@ async fn unknown_vhost_is_an_error() {
         ConnectionProperties::default(),
     )
     .await;
-    let err = res.err().expect("connecting to a missing vhost must fail");
+    let Err(err) = res else {
+        panic!("connecting to a missing vhost must fail")
+    };
     eprintln!("lapin error: {err}");
     let text = err.to_string();
     assert!(
