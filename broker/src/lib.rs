@@ -1,3 +1,14 @@
 //! Warren broker library: configuration, server, connections and the routing core.
 
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod config;
+pub mod confirms;
+pub mod connection;
 pub mod error;
+pub mod exchange;
+pub mod message;
+pub mod queue;
+pub mod server;
+pub mod vhost;

@@ -1,0 +1,82 @@
+//! Broker-wide shared state: configuration, users, virtual hosts and id allocation.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::auth::Users;
+use crate::config::Config;
+use crate::vhost::VHost;
+
+/// State shared by every connection task.
+///
+/// Lock order: `vhosts` before any per-vhost lock. No lock here is held across `.await`.
+#[derive(Debug)]
+pub struct Broker {
+    pub config: Config,
+    pub users: Users,
+    vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    /// Source of globally unique ids (channel keys, consumer tags, queue names).
+    next_id: AtomicU64,
+    /// Connections that completed connection.open-ok and are still open.
+    open_connections: AtomicUsize,
+}
+
+impl Broker {
+    pub fn new(config: Config) -> Arc<Broker> {
+        let mut users = Users::default();
+        let loopback_only = config.loopback_users.contains(&config.default_user);
+        users.add(&config.default_user, &config.default_pass, loopback_only);
+        let mut vhosts = HashMap::new();
+        vhosts.insert(
+            config.default_vhost.clone(),
+            Arc::new(VHost::new(&config.default_vhost)),
+        );
+        Arc::new(Broker {
+            config,
+            users,
+            vhosts: RwLock::new(vhosts),
+            next_id: AtomicU64::new(1),
+            open_connections: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        // A poisoned lock only means another task panicked mid-update of the map; the map
+        // itself is still consistent (inserts are single operations), so keep serving.
+        let map = self.vhosts.read().unwrap_or_else(|e| e.into_inner());
+        map.get(name).cloned()
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reserves a slot for an opening connection; false when `max_connections` is reached.
+    pub fn try_open_connection(&self) -> bool {
+        let max = self.config.max_connections;
+        let mut current = self.open_connections.load(Ordering::Relaxed);
+        loop {
+            if max != 0 && current >= max {
+                return false;
+            }
+            match self.open_connections.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    pub fn close_connection(&self) {
+        self.open_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,972 @@
+//! Per-channel state owned by the connection task: command assembly, consumers, unacked
+//! deliveries, prefetch, publisher confirms and transactions, and the AMQP methods that use them.
+//!
+//! Everything here is synchronous: the connection task calls in with a [`ConnCtx`] that gives
+//! access to the vhost and to the connection's output buffer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use amq_protocol::protocol::{basic, confirm, exchange, queue, tx, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+use warren_protocol::{
+    encode_basic_ack, encode_basic_deliver, encode_basic_get_ok, encode_basic_nack,
+    encode_basic_return, encode_content, encode_method, BasicPublish, Command, CommandAssembler,
+    Content, ContentHeader, Method,
+};
+
+use crate::confirms::{ConfirmFrame, ConfirmTracker};
+use crate::connection::{short_string, ClientCapabilities};
+use crate::error::{code, resource, AmqpError};
+use crate::exchange::{Destination, RouteSet};
+use crate::message::Message;
+use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
+use crate::queue::core::MsgSeq;
+use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Queue};
+use crate::vhost::{QueueDeclare, VHost};
+
+const CLASS_BASIC: u16 = 60;
+
+/// What a channel needs from its connection while handling one command.
+pub struct ConnCtx<'a> {
+    pub vhost: &'a Arc<VHost>,
+    pub conn_id: u64,
+    pub user: &'a str,
+    pub caps: ClientCapabilities,
+    pub frame_max: u32,
+    pub out: &'a mut BytesMut,
+    pub events: &'a mpsc::UnboundedSender<ConnEvent>,
+    /// Exclusive queues declared by this connection, deleted when it closes.
+    pub exclusive_queues: &'a mut Vec<Arc<str>>,
+    pub next_id: &'a dyn Fn() -> u64,
+}
+
+/// A delivery the client has not settled yet.
+#[derive(Debug)]
+struct Unacked {
+    queue: Arc<Queue>,
+    seq: MsgSeq,
+    /// Delivered to a consumer (counted by the channel limiter), as opposed to basic.get.
+    counted: bool,
+}
+
+/// Work held back by tx.select until tx.commit.
+#[derive(Debug)]
+enum TxOp {
+    Publish(Box<(BasicPublish, Content)>),
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
+    Reject {
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    },
+}
+
+/// One open channel.
+///
+/// Invariants: a `Channel` exists only between channel.open-ok and channel.close/close-ok;
+/// delivery tags in `unacked` are < `next_delivery_tag` and strictly increasing with delivery
+/// order; every queue in `consumers` has a consumer registered under that tag and this key.
+#[derive(Debug)]
+pub struct Channel {
+    pub id: u16,
+    pub key: ChannelKey,
+    pub assembler: CommandAssembler,
+    limiter: Arc<ChannelLimiter>,
+    /// basic.qos global=false: applies to consumers created afterwards.
+    consumer_prefetch: u16,
+    consumers: HashMap<Arc<str>, Arc<Queue>>,
+    next_delivery_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// Queues that may hold unacked messages or consumers of this channel.
+    touched: HashMap<Arc<str>, Arc<Queue>>,
+    /// Name of the last queue declared on this channel (for `""` in later methods).
+    last_queue: Option<Arc<str>>,
+    confirms: Option<ConfirmTracker<Arc<str>>>,
+    tx: Option<Vec<TxOp>>,
+    /// Reused between publishes to avoid allocating.
+    route_set: RouteSet,
+}
+
+impl Channel {
+    pub fn new(id: u16, key: ChannelKey) -> Channel {
+        Channel {
+            id,
+            key,
+            assembler: CommandAssembler::new(),
+            limiter: Arc::new(ChannelLimiter::default()),
+            consumer_prefetch: 0,
+            consumers: HashMap::new(),
+            next_delivery_tag: 1,
+            unacked: BTreeMap::new(),
+            touched: HashMap::new(),
+            last_queue: None,
+            confirms: None,
+            tx: None,
+            route_set: RouteSet::default(),
+        }
+    }
+
+    /// Gives back everything the channel holds: consumers go, unacked messages are requeued.
+    pub fn release(&mut self, vhost: &Arc<VHost>) {
+        self.unacked.clear();
+        self.consumers.clear();
+        for (_, queue) in self.touched.drain() {
+            let outcome = queue.channel_closed(self.key);
+            if outcome.lost_last_consumer && queue.props.auto_delete {
+                vhost.delete_queue_if_same(&queue);
+            }
+        }
+    }
+
+    /// Executes one complete command.
+    pub fn handle(&mut self, ctx: &mut ConnCtx<'_>, command: Command) -> Result<(), AmqpError> {
+        let Command {
+            method, content, ..
+        } = command;
+        match method {
+            Method::Publish(publish) => {
+                let content =
+                    content.ok_or_else(|| AmqpError::internal("publish without content"))?;
+                if let Some(ops) = self.tx.as_mut() {
+                    if publish.immediate {
+                        return Err(AmqpError::not_implemented("immediate=true"));
+                    }
+                    ops.push(TxOp::Publish(Box::new((publish, content))));
+                    return Ok(());
+                }
+                self.publish(ctx, publish, content)
+            }
+            Method::Other(AMQPClass::Basic(m)) => self.handle_basic(ctx, m),
+            Method::Other(AMQPClass::Queue(m)) => self.handle_queue(ctx, m),
+            Method::Other(AMQPClass::Exchange(m)) => self.handle_exchange(ctx, m),
+            Method::Other(AMQPClass::Confirm(confirm::AMQPMethod::Select(select))) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                if self.confirms.is_none() {
+                    self.confirms = Some(ConfirmTracker::new());
+                }
+                if !select.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+                Ok(())
+            }
+            Method::Other(AMQPClass::Tx(m)) => self.handle_tx(ctx, m),
+            other => Err(AmqpError::command_invalid(format!(
+                "unexpected method {}.{} on a channel",
+                other.class_id(),
+                other.method_id()
+            ))),
+        }
+    }
+
+    fn send(&self, ctx: &mut ConnCtx<'_>, method: AMQPClass) {
+        encode_method(ctx.out, self.id, &method);
+    }
+
+    // ------------------------------------------------------------------ exchange class
+
+    fn handle_exchange(
+        &mut self,
+        ctx: &mut ConnCtx<'_>,
+        m: exchange::AMQPMethod,
+    ) -> Result<(), AmqpError> {
+        let vhost = ctx.vhost;
+        match m {
+            exchange::AMQPMethod::Declare(d) => {
+                vhost.declare_exchange(
+                    d.exchange.as_str(),
+                    d.kind.as_str(),
+                    d.passive,
+                    d.durable,
+                    d.auto_delete,
+                    d.internal,
+                    &d.arguments,
+                )?;
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
+                }
+            }
+            exchange::AMQPMethod::Delete(d) => {
+                vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                    );
+                }
+            }
+            exchange::AMQPMethod::Bind(b) => {
+                vhost.bind(
+                    b.source.as_str(),
+                    Destination::Exchange(Arc::from(b.destination.as_str())),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
+                if !b.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                    );
+                }
+            }
+            exchange::AMQPMethod::Unbind(b) => {
+                vhost.unbind(
+                    b.source.as_str(),
+                    Destination::Exchange(Arc::from(b.destination.as_str())),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
+                if !b.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                    );
+                }
+            }
+            _ => {
+                return Err(AmqpError::command_invalid(
+                    "unexpected exchange method from client",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ queue class
+
+    /// Resolves `""` to the last queue declared on this channel.
+    fn queue_name(&self, name: &str) -> Result<Arc<str>, AmqpError> {
+        if name.is_empty() {
+            self.last_queue
+                .clone()
+                .ok_or_else(|| AmqpError::not_found("no previously declared queue"))
+        } else {
+            Ok(Arc::from(name))
+        }
+    }
+
+    /// Looks a queue up, enforcing exclusive ownership.
+    fn find_queue(&self, ctx: &ConnCtx<'_>, name: &str) -> Result<Arc<Queue>, AmqpError> {
+        let name = self.queue_name(name)?;
+        let queue = ctx.vhost.queue(&name).ok_or_else(|| {
+            AmqpError::not_found(format!("no {}", resource("queue", &name, &ctx.vhost.name)))
+        })?;
+        check_exclusive(&queue, ctx.conn_id)?;
+        Ok(queue)
+    }
+
+    fn handle_queue(
+        &mut self,
+        ctx: &mut ConnCtx<'_>,
+        m: queue::AMQPMethod,
+    ) -> Result<(), AmqpError> {
+        match m {
+            queue::AMQPMethod::Declare(d) => {
+                let name = if d.queue.as_str().is_empty() && !d.passive {
+                    Arc::from(format!("amq.gen-{}", random_suffix(ctx)))
+                } else {
+                    self.queue_name(d.queue.as_str())?
+                };
+                let (queue, message_count, consumer_count) =
+                    ctx.vhost.declare_queue(QueueDeclare {
+                        name: name.clone(),
+                        passive: d.passive,
+                        durable: d.durable,
+                        exclusive: d.exclusive,
+                        auto_delete: d.auto_delete,
+                        arguments: &d.arguments,
+                        conn_id: ctx.conn_id,
+                        server_named: d.queue.as_str().is_empty(),
+                    })?;
+                if d.exclusive && !d.passive && !ctx.exclusive_queues.iter().any(|q| **q == *name) {
+                    ctx.exclusive_queues.push(queue.name.clone());
+                }
+                self.last_queue = Some(queue.name.clone());
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: short_string(&queue.name),
+                            message_count,
+                            consumer_count,
+                        })),
+                    );
+                }
+            }
+            queue::AMQPMethod::Bind(b) => {
+                let queue = self.find_queue(ctx, b.queue.as_str())?;
+                ctx.vhost.bind(
+                    b.exchange.as_str(),
+                    Destination::Queue(queue.name.clone()),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
+                if !b.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                    );
+                }
+            }
+            queue::AMQPMethod::Unbind(b) => {
+                // Unbinding from a missing queue is not an error in RabbitMQ.
+                let name = self.queue_name(b.queue.as_str())?;
+                if let Some(queue) = ctx.vhost.queue(&name) {
+                    check_exclusive(&queue, ctx.conn_id)?;
+                }
+                ctx.vhost.unbind(
+                    b.exchange.as_str(),
+                    Destination::Queue(name),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
+                self.send(
+                    ctx,
+                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+                );
+            }
+            queue::AMQPMethod::Purge(p) => {
+                let queue = self.find_queue(ctx, p.queue.as_str())?;
+                let message_count = u32::try_from(queue.purge()).unwrap_or(u32::MAX);
+                if !p.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                            message_count,
+                        })),
+                    );
+                }
+            }
+            queue::AMQPMethod::Delete(d) => {
+                let name = self.queue_name(d.queue.as_str())?;
+                let message_count = match ctx.vhost.queue(&name) {
+                    // Deleting a missing queue succeeds (RabbitMQ deviates from the spec here).
+                    None => 0,
+                    Some(queue) => {
+                        check_exclusive(&queue, ctx.conn_id)?;
+                        let (ready, consumers) = queue.counts();
+                        let res = resource("queue", &name, &ctx.vhost.name);
+                        if d.if_unused && consumers > 0 {
+                            return Err(AmqpError::precondition_failed(format!("{res} in use")));
+                        }
+                        if d.if_empty && ready > 0 {
+                            return Err(AmqpError::precondition_failed(format!("{res} not empty")));
+                        }
+                        ctx.vhost.delete_queue_if_same(&queue)
+                    }
+                };
+                ctx.exclusive_queues.retain(|q| **q != *name);
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                            message_count,
+                        })),
+                    );
+                }
+            }
+            _ => {
+                return Err(AmqpError::command_invalid(
+                    "unexpected queue method from client",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ basic class
+
+    fn handle_basic(
+        &mut self,
+        ctx: &mut ConnCtx<'_>,
+        m: basic::AMQPMethod,
+    ) -> Result<(), AmqpError> {
+        match m {
+            basic::AMQPMethod::Qos(q) => {
+                if q.global {
+                    self.limiter
+                        .global_prefetch
+                        .store(u32::from(q.prefetch_count), Ordering::Relaxed);
+                    // A larger window may unblock queues waiting on this channel.
+                    self.wake_queues();
+                } else {
+                    self.consumer_prefetch = q.prefetch_count;
+                }
+                self.send(
+                    ctx,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(c) => self.consume(ctx, c),
+            basic::AMQPMethod::Cancel(c) => {
+                let tag: Arc<str> = Arc::from(c.consumer_tag.as_str());
+                if let Some(queue) = self.consumers.remove(&tag) {
+                    let key = ConsumerKey::new(self.key, tag.clone());
+                    if queue.cancel(&key) {
+                        ctx.vhost.delete_queue_if_same(&queue);
+                    }
+                }
+                if !c.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Get(g) => {
+                let queue = self.find_queue(ctx, g.queue.as_str())?;
+                match queue.get(self.key, g.no_ack) {
+                    None => {
+                        self.send(
+                            ctx,
+                            AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                        );
+                    }
+                    Some(got) => {
+                        let tag = self.next_delivery_tag;
+                        self.next_delivery_tag += 1;
+                        if !g.no_ack {
+                            self.touched.insert(queue.name.clone(), queue.clone());
+                            self.unacked.insert(
+                                tag,
+                                Unacked {
+                                    queue: queue.clone(),
+                                    seq: got.seq,
+                                    counted: false,
+                                },
+                            );
+                        }
+                        let msg = &got.msg;
+                        encode_basic_get_ok(
+                            ctx.out,
+                            self.id,
+                            tag,
+                            got.redelivered,
+                            &msg.exchange,
+                            &msg.routing_key,
+                            got.remaining,
+                        );
+                        encode_message(ctx, self.id, msg);
+                    }
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Ack(a) => {
+                if let Some(ops) = self.tx.as_mut() {
+                    ops.push(TxOp::Ack {
+                        tag: a.delivery_tag,
+                        multiple: a.multiple,
+                    });
+                    return Ok(());
+                }
+                self.settle(ctx.vhost, a.delivery_tag, a.multiple, Settle::Ack)
+            }
+            basic::AMQPMethod::Reject(r) => {
+                if let Some(ops) = self.tx.as_mut() {
+                    ops.push(TxOp::Reject {
+                        tag: r.delivery_tag,
+                        multiple: false,
+                        requeue: r.requeue,
+                    });
+                    return Ok(());
+                }
+                self.settle(
+                    ctx.vhost,
+                    r.delivery_tag,
+                    false,
+                    Settle::Reject { requeue: r.requeue },
+                )
+            }
+            basic::AMQPMethod::Nack(n) => {
+                if let Some(ops) = self.tx.as_mut() {
+                    ops.push(TxOp::Reject {
+                        tag: n.delivery_tag,
+                        multiple: n.multiple,
+                        requeue: n.requeue,
+                    });
+                    return Ok(());
+                }
+                self.settle(
+                    ctx.vhost,
+                    n.delivery_tag,
+                    n.multiple,
+                    Settle::Reject { requeue: n.requeue },
+                )
+            }
+            basic::AMQPMethod::Recover(r) => {
+                self.recover(r.requeue)?;
+                self.send(
+                    ctx,
+                    AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                );
+                Ok(())
+            }
+            basic::AMQPMethod::RecoverAsync(r) => self.recover(r.requeue),
+            _ => Err(AmqpError::command_invalid(
+                "unexpected basic method from client",
+            )),
+        }
+    }
+
+    fn consume(&mut self, ctx: &mut ConnCtx<'_>, c: basic::Consume) -> Result<(), AmqpError> {
+        let queue = self.find_queue(ctx, c.queue.as_str())?;
+        let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
+            Arc::from(format!("amq.ctag-{}", random_suffix(ctx)))
+        } else {
+            Arc::from(c.consumer_tag.as_str())
+        };
+        if self.consumers.contains_key(&tag) {
+            return Err(AmqpError::not_allowed(format!(
+                "attempt to reuse consumer tag '{tag}'"
+            )));
+        }
+        let priority = match c.arguments.inner().get("x-priority") {
+            None => 0,
+            Some(v) => int_value(v)
+                .and_then(|p| i32::try_from(p).ok())
+                .ok_or_else(|| {
+                    AmqpError::precondition_failed(format!(
+                        "invalid arg 'x-priority' for {}",
+                        resource("queue", &queue.name, &ctx.vhost.name)
+                    ))
+                })?,
+        };
+        let spec = ConsumerSpec {
+            key: ConsumerKey::new(self.key, tag.clone()),
+            priority,
+            prefetch: self.consumer_prefetch,
+            no_ack: c.no_ack,
+            exclusive: c.exclusive,
+        };
+        let sink = ConsumerSink {
+            events: ctx.events.clone(),
+            channel_id: self.id,
+            limiter: self.limiter.clone(),
+        };
+        // consume-ok must precede the first delivery: deliveries travel through the mailbox,
+        // which the connection drains only after this command's output is written.
+        queue
+            .consume(spec, sink)
+            .map_err(|e| e.to_amqp(&queue.name, &ctx.vhost.name))?;
+        self.consumers.insert(tag.clone(), queue.clone());
+        self.touched.insert(queue.name.clone(), queue);
+        if !c.nowait {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: short_string(&tag),
+                })),
+            );
+        }
+        Ok(())
+    }
+
+    fn publish(
+        &mut self,
+        ctx: &mut ConnCtx<'_>,
+        p: BasicPublish,
+        content: Content,
+    ) -> Result<(), AmqpError> {
+        if p.immediate {
+            return Err(AmqpError::not_implemented("immediate=true"));
+        }
+        let exchange = std::str::from_utf8(&p.exchange)
+            .map_err(|_| AmqpError::precondition_failed("exchange name is not valid UTF-8"))?;
+        if let Some(user_id) = &content.header.user_id {
+            if user_id.as_ref() != ctx.user.as_bytes() {
+                return Err(AmqpError::precondition_failed(format!(
+                    "user_id property set to '{}' but authenticated user was '{}'",
+                    String::from_utf8_lossy(user_id),
+                    ctx.user
+                )));
+            }
+        }
+        let headers = content
+            .header
+            .headers()
+            .map_err(|e| AmqpError::syntax_error(e.reply_text()))?;
+        let mut header = content.header;
+        let mut cc_bcc: Vec<Bytes> = Vec::new();
+        if let Some(table) = &headers {
+            for key in ["CC", "BCC"] {
+                match table.inner().get(key) {
+                    Some(AMQPValue::FieldArray(items)) => {
+                        for item in items.as_slice() {
+                            if let AMQPValue::LongString(s) = item {
+                                cc_bcc.push(Bytes::copy_from_slice(s.as_bytes()));
+                            }
+                        }
+                    }
+                    Some(AMQPValue::LongString(s)) => {
+                        cc_bcc.push(Bytes::copy_from_slice(s.as_bytes()))
+                    }
+                    _ => {}
+                }
+            }
+            // BCC must not reach consumers.
+            if table.contains_key("BCC") {
+                let mut props = header
+                    .properties()
+                    .map_err(|e| AmqpError::syntax_error(e.reply_text()))?;
+                let mut stripped = table.clone();
+                let mut inner = stripped.inner().clone();
+                inner.remove("BCC");
+                stripped = FieldTable::from(inner);
+                props = props.with_headers(stripped);
+                header = ContentHeader::from_properties(header.class_id, header.body_size, &props);
+            }
+        }
+        let routing_key = p.routing_key.clone();
+        let mut routes = std::mem::take(&mut self.route_set);
+        routes.clear();
+        let routed = ctx.vhost.route(
+            exchange,
+            &routing_key,
+            &cc_bcc,
+            headers.as_ref(),
+            &mut routes,
+        );
+        let result = routed.map(|()| {
+            let msg = Arc::new(Message {
+                exchange: p.exchange.clone(),
+                routing_key: routing_key.clone(),
+                header,
+                body: content.body,
+            });
+            let mut delivered = 0usize;
+            for name in routes.iter() {
+                if let Some(queue) = ctx.vhost.queue(name) {
+                    if queue.publish(msg.clone()) == crate::queue::handle::Enqueued::Accepted {
+                        delivered += 1;
+                    }
+                }
+            }
+            if delivered == 0 && p.mandatory {
+                encode_basic_return(
+                    ctx.out,
+                    self.id,
+                    code::NO_ROUTE,
+                    b"NO_ROUTE",
+                    &msg.exchange,
+                    &msg.routing_key,
+                );
+                encode_message(ctx, self.id, &msg);
+            }
+        });
+        self.route_set = routes;
+        result?;
+        if let Some(tracker) = self.confirms.as_mut() {
+            // Queues are in memory: a message is confirmed once enqueued (or found unroutable,
+            // after its basic.return). Frames go out in `flush_confirms`, batched per read.
+            tracker.publish(std::iter::empty());
+        }
+        Ok(())
+    }
+
+    /// Writes pending publisher confirms, coalesced with `multiple` where possible.
+    pub fn flush_confirms(&mut self, out: &mut BytesMut) {
+        let Some(tracker) = self.confirms.as_mut() else {
+            return;
+        };
+        if !tracker.has_frames() {
+            return;
+        }
+        for frame in tracker.drain() {
+            match frame {
+                ConfirmFrame::Ack { tag, multiple } => {
+                    encode_basic_ack(out, self.id, tag, multiple)
+                }
+                ConfirmFrame::Nack { tag, multiple } => {
+                    encode_basic_nack(out, self.id, tag, multiple, false)
+                }
+            }
+        }
+    }
+
+    /// basic.ack / reject / nack on delivery tags of this channel.
+    fn settle(
+        &mut self,
+        vhost: &Arc<VHost>,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+    ) -> Result<(), AmqpError> {
+        let _ = vhost;
+        let tags: Vec<u64> = if multiple {
+            if tag == 0 {
+                self.unacked.keys().copied().collect()
+            } else {
+                let tags: Vec<u64> = self.unacked.range(..=tag).map(|(t, _)| *t).collect();
+                if tags.is_empty() {
+                    return Err(unknown_tag(tag));
+                }
+                tags
+            }
+        } else {
+            if !self.unacked.contains_key(&tag) {
+                return Err(unknown_tag(tag));
+            }
+            vec![tag]
+        };
+        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::new();
+        let mut counted = 0u32;
+        for t in tags {
+            if let Some(u) = self.unacked.remove(&t) {
+                if u.counted {
+                    counted += 1;
+                }
+                by_queue
+                    .entry(u.queue.name.clone())
+                    .or_insert_with(|| (u.queue.clone(), Vec::new()))
+                    .1
+                    .push(u.seq);
+            }
+        }
+        let was_blocked = self.limiter.is_blocked();
+        self.limiter.settled(counted);
+        for (_, (queue, seqs)) in by_queue {
+            match how {
+                Settle::Ack => queue.ack(&seqs),
+                Settle::Reject { requeue } => queue.reject(&seqs, requeue),
+            }
+        }
+        if was_blocked && !self.limiter.is_blocked() {
+            self.wake_queues();
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self, requeue: bool) -> Result<(), AmqpError> {
+        if !requeue {
+            return Err(AmqpError::not_implemented("requeue=false"));
+        }
+        let unacked = std::mem::take(&mut self.unacked);
+        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::new();
+        let mut counted = 0;
+        for (_, u) in unacked {
+            if u.counted {
+                counted += 1;
+            }
+            by_queue
+                .entry(u.queue.name.clone())
+                .or_insert_with(|| (u.queue.clone(), Vec::new()))
+                .1
+                .push(u.seq);
+        }
+        self.limiter.settled(counted);
+        for (_, (queue, seqs)) in by_queue {
+            queue.requeue(&seqs);
+        }
+        self.wake_queues();
+        Ok(())
+    }
+
+    /// Asks every queue this channel consumes from to deliver again (credit came back).
+    fn wake_queues(&self) {
+        for queue in self.consumers.values() {
+            queue.dispatch();
+        }
+    }
+
+    // ------------------------------------------------------------------ tx class
+
+    fn handle_tx(&mut self, ctx: &mut ConnCtx<'_>, m: tx::AMQPMethod) -> Result<(), AmqpError> {
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                if self.confirms.is_some() {
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                if self.tx.is_none() {
+                    self.tx = Some(Vec::new());
+                }
+                self.send(
+                    ctx,
+                    AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})),
+                );
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let ops = self.tx.replace(Vec::new()).ok_or_else(|| {
+                    AmqpError::precondition_failed("channel is not transactional")
+                })?;
+                for op in ops {
+                    match op {
+                        TxOp::Publish(publish) => {
+                            let (p, content) = *publish;
+                            self.publish(ctx, p, content)?
+                        }
+                        TxOp::Ack { tag, multiple } => {
+                            self.settle(ctx.vhost, tag, multiple, Settle::Ack)?
+                        }
+                        TxOp::Reject {
+                            tag,
+                            multiple,
+                            requeue,
+                        } => self.settle(ctx.vhost, tag, multiple, Settle::Reject { requeue })?,
+                    }
+                }
+                self.send(
+                    ctx,
+                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                );
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                if self.tx.replace(Vec::new()).is_none() {
+                    self.tx = None;
+                    return Err(AmqpError::precondition_failed(
+                        "channel is not transactional",
+                    ));
+                }
+                self.send(
+                    ctx,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
+            }
+            _ => {
+                return Err(AmqpError::command_invalid(
+                    "unexpected tx method from client",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ deliveries
+
+    /// Writes a delivery from a queue. Returns false when the channel no longer wants it (the
+    /// consumer was cancelled), in which case the message has been handed back to the queue.
+    pub fn deliver(&mut self, ctx: &mut ConnCtx<'_>, d: Delivery) {
+        let unblocked = self.limiter.written();
+        if !self.consumers.contains_key(&d.tag) {
+            // Cancelled while the delivery was in the mailbox: give it back.
+            self.limiter.settled(1);
+            if !d.no_ack {
+                d.queue.requeue(&[d.seq]);
+            }
+            return;
+        }
+        let tag = self.next_delivery_tag;
+        self.next_delivery_tag += 1;
+        encode_basic_deliver(
+            ctx.out,
+            self.id,
+            d.tag.as_bytes(),
+            tag,
+            d.redelivered,
+            &d.msg.exchange,
+            &d.msg.routing_key,
+        );
+        encode_message(ctx, self.id, &d.msg);
+        let was_blocked = self.limiter.is_blocked();
+        if d.no_ack {
+            self.limiter.settled(1);
+        } else {
+            self.unacked.insert(
+                tag,
+                Unacked {
+                    queue: d.queue,
+                    seq: d.seq,
+                    counted: true,
+                },
+            );
+        }
+        if unblocked || (was_blocked && !self.limiter.is_blocked()) {
+            self.wake_queues();
+        }
+    }
+
+    /// The queue of one of our consumers was deleted.
+    pub fn consumer_cancelled(&mut self, ctx: &mut ConnCtx<'_>, tag: &Arc<str>) {
+        if self.consumers.remove(tag).is_some() && ctx.caps.consumer_cancel_notify {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: short_string(tag),
+                    nowait: true,
+                })),
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Ack,
+    Reject { requeue: bool },
+}
+
+fn unknown_tag(tag: u64) -> AmqpError {
+    AmqpError::precondition_failed(format!("unknown delivery tag {tag}")).on(CLASS_BASIC, 80)
+}
+
+fn check_exclusive(queue: &Queue, conn_id: u64) -> Result<(), AmqpError> {
+    match queue.props.exclusive_owner {
+        Some(owner) if owner != conn_id => Err(AmqpError::resource_locked(format!(
+            "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            resource("queue", &queue.name, &queue.vhost)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Content header (properties verbatim) and body frames of a message.
+fn encode_message(ctx: &mut ConnCtx<'_>, channel: u16, msg: &Message) {
+    encode_content(
+        ctx.out,
+        channel,
+        msg.header.class_id,
+        msg.body_size(),
+        &msg.header.raw_properties,
+        &msg.body,
+        ctx.frame_max,
+    );
+}
+
+/// Integer value of a field-table entry, whatever its integer width.
+pub fn int_value(v: &AMQPValue) -> Option<i64> {
+    match v {
+        AMQPValue::ShortShortInt(i) => Some(i64::from(*i)),
+        AMQPValue::ShortShortUInt(i) => Some(i64::from(*i)),
+        AMQPValue::ShortInt(i) => Some(i64::from(*i)),
+        AMQPValue::ShortUInt(i) => Some(i64::from(*i)),
+        AMQPValue::LongInt(i) => Some(i64::from(*i)),
+        AMQPValue::LongUInt(i) => Some(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// 22 url-safe base64 characters of randomness, as in RabbitMQ's `amq.gen-` / `amq.ctag-`.
+fn random_suffix(ctx: &ConnCtx<'_>) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits: u128 = rand::random::<u128>() ^ u128::from((ctx.next_id)());
+    let mut out = String::with_capacity(22);
+    for _ in 0..22 {
+        out.push(char::from(ALPHABET[(bits & 63) as usize]));
+        bits >>= 6;
+    }
+    out
+}

@@ -1,0 +1,1226 @@
+//! One queue's pure state: its ready messages, its consumers and its unacked deliveries.
+//!
+//! A synchronous state machine with no I/O and no clock, generic over the message handle `M`
+//! (the broker uses `Arc<Message>`). The async shell owns it behind a short `std::sync::Mutex`
+//! and drives it:
+//!
+//! - after any call that can make a delivery possible (`publish`, `add_consumer`, `ack`,
+//!   `requeue`, `reject`, `channel_closed`, and whenever a channel's global basic.qos credit
+//!   grows) the shell runs the dispatch loop `while let Some(d) = core.next_delivery(..)` and
+//!   sends each delivery to its consumer's connection. No call reports "credit returned"
+//!   separately: running the loop is always correct and costs O(1) when nothing can move;
+//! - acks, rejects and requeues name messages by [`MsgSeq`]; the channel maps its delivery
+//!   tags to (queue, seq).
+//!
+//! Semantics follow RabbitMQ 3.10 classic queues (`rabbit_amqqueue_process`,
+//! `rabbit_queue_consumers`): requeued messages return to their original position (by
+//! publish order) with `redelivered` set; cancelling a consumer leaves its unacked messages
+//! with the channel until they are acked, rejected or the channel closes; purge only touches
+//! ready messages.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use super::consumers::{
+    ChannelKey, ConsumeError, ConsumerId, ConsumerInfo, ConsumerKey, ConsumerSet, ConsumerSpec,
+};
+
+/// Position of a message in its queue's publish order, unique per queue and never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MsgSeq(pub u64);
+
+/// One message handed to a consumer by [`QueueCore::next_delivery`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery<M> {
+    pub consumer: ConsumerKey,
+    pub seq: MsgSeq,
+    pub msg: M,
+    pub redelivered: bool,
+    /// True: the message has left the queue for good. False: it is unacked, owned by the
+    /// consumer's channel, until `ack` / `reject` / `requeue` / `channel_closed`.
+    pub no_ack: bool,
+}
+
+/// The answer to basic.get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GetResult<M> {
+    pub seq: MsgSeq,
+    pub msg: M,
+    pub redelivered: bool,
+    /// Ready messages left after this one (basic.get-ok message-count), saturated to u32.
+    pub remaining: u32,
+}
+
+/// What happened to a rejected (basic.reject / basic.nack) message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected<M> {
+    /// Back in the ready queue at its original position.
+    Requeued,
+    /// Removed from the queue; the caller dead-letters it (later) and tells the store.
+    Dropped(M),
+}
+
+/// What closing a channel did to this queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedOutcome {
+    /// The channel's consumers on this queue, now gone, in registration order.
+    pub cancelled: Vec<ConsumerKey>,
+    /// Unacked messages of the channel put back in the ready queue.
+    pub requeued: usize,
+    /// The channel had consumers here and the queue has none left: an auto-delete queue
+    /// must now be deleted.
+    pub lost_last_consumer: bool,
+}
+
+#[derive(Debug)]
+struct ReadyEntry<M> {
+    seq: MsgSeq,
+    msg: M,
+    /// Set once the message has been delivered (it is only ever back here by a requeue).
+    redelivered: bool,
+}
+
+/// The ready messages, in delivery order.
+///
+/// Kept behind this small type so that later features change only it: per-message priority
+/// (`x-max-priority`) becomes one deque per priority, TTL expiry and max-length drop-head
+/// work at `front`/`pop_front`.
+///
+/// Invariant: entries are strictly increasing by `seq`.
+#[derive(Debug)]
+struct ReadyQueue<M> {
+    entries: VecDeque<ReadyEntry<M>>,
+}
+
+impl<M> ReadyQueue<M> {
+    fn new() -> Self {
+        ReadyQueue {
+            entries: VecDeque::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends a freshly published message; its seq is above every seq the queue has seen.
+    fn push_back(&mut self, entry: ReadyEntry<M>) {
+        debug_assert!(self.entries.back().is_none_or(|b| b.seq < entry.seq));
+        self.entries.push_back(entry);
+    }
+
+    fn pop_front(&mut self) -> Option<ReadyEntry<M>> {
+        self.entries.pop_front()
+    }
+
+    /// Puts back an entry just taken by `pop_front` that could not be delivered.
+    fn unpop_front(&mut self, entry: ReadyEntry<M>) {
+        debug_assert!(self.entries.front().is_none_or(|f| entry.seq < f.seq));
+        self.entries.push_front(entry);
+    }
+
+    /// Inserts requeued entries at their original positions.
+    ///
+    /// O(k) when all of them sort before the current head (the usual case: requeued messages
+    /// are older than what is still waiting); otherwise a binary search plus a shift of
+    /// min(i, n - i) entries per message.
+    fn requeue(&mut self, mut batch: Vec<ReadyEntry<M>>) {
+        batch.sort_unstable_by_key(|e| e.seq);
+        while let Some(entry) = batch.pop() {
+            match self.entries.front() {
+                Some(front) if front.seq < entry.seq => {
+                    let at = self.entries.partition_point(|e| e.seq < entry.seq);
+                    self.entries.insert(at, entry);
+                }
+                _ => self.entries.push_front(entry),
+            }
+        }
+    }
+
+    fn drain(&mut self) -> Vec<M> {
+        self.entries.drain(..).map(|e| e.msg).collect()
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = &ReadyEntry<M>> {
+        self.entries.iter()
+    }
+}
+
+/// Who must settle an unacked message.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    channel: ChannelKey,
+    /// The consumer whose prefetch credit it holds; None for basic.get.
+    consumer: Option<ConsumerId>,
+}
+
+#[derive(Debug)]
+struct Unacked<M> {
+    msg: M,
+    owner: Owner,
+}
+
+/// One queue's messages, consumers and unacked set. See the module docs for how to drive it.
+///
+/// Invariants:
+/// - every published seq is in at most one of `ready` and `unacked` (gone = acked, consumed
+///   no-ack, dropped or purged), and every seq is below `next_seq`;
+/// - `unacked_by_channel[c]` is exactly the set of seqs in `unacked` owned by channel `c`, and
+///   holds no empty sets;
+/// - each live consumer's in-flight count equals the number of `unacked` entries charged to
+///   it, so per-consumer prefetch can never be exceeded.
+#[derive(Debug)]
+pub struct QueueCore<M> {
+    next_seq: u64,
+    ready: ReadyQueue<M>,
+    unacked: HashMap<MsgSeq, Unacked<M>>,
+    unacked_by_channel: HashMap<ChannelKey, HashSet<MsgSeq>>,
+    consumers: ConsumerSet,
+}
+
+impl<M> Default for QueueCore<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<M> QueueCore<M> {
+    pub fn new() -> Self {
+        QueueCore {
+            next_seq: 0,
+            ready: ReadyQueue::new(),
+            unacked: HashMap::new(),
+            unacked_by_channel: HashMap::new(),
+            consumers: ConsumerSet::new(),
+        }
+    }
+
+    /// Enqueues a message at the tail. O(1).
+    pub fn publish(&mut self, msg: M) -> MsgSeq {
+        let seq = MsgSeq(self.next_seq);
+        self.next_seq += 1;
+        self.ready.push_back(ReadyEntry {
+            seq,
+            msg,
+            redelivered: false,
+        });
+        seq
+    }
+
+    /// basic.consume. The caller maps the error with [`ConsumeError::to_amqp`].
+    pub fn add_consumer(&mut self, spec: ConsumerSpec) -> Result<(), ConsumeError> {
+        self.consumers.add(spec).map(|_| ())
+    }
+
+    /// basic.cancel. Returns false if no such consumer. Its unacked messages stay unacked
+    /// (owned by the channel) as in RabbitMQ. Auto-delete: the queue lost its last consumer
+    /// iff this returns true and `has_consumers()` is then false.
+    pub fn cancel_consumer(&mut self, key: &ConsumerKey) -> bool {
+        self.consumers.remove(key).is_some()
+    }
+
+    /// The next delivery to make, if any message is ready and some consumer may take it.
+    ///
+    /// Picks the highest-priority group with an eligible consumer, round-robin inside it;
+    /// a consumer is eligible when it has per-consumer prefetch credit and
+    /// `channel_has_credit(its channel)` is true (the shell's channel-wide basic.qos
+    /// global=true limit, and any cap on no-ack consumers). The closure is asked at most once
+    /// per channel per call, and a `true` answer always results in this call's delivery, so it
+    /// may reserve credit; otherwise the shell accounts for the returned delivery itself.
+    ///
+    /// Manual-ack deliveries move to the unacked set; no-ack deliveries leave the queue.
+    /// Call in a loop until None. Cost: O(1) amortised per delivery when the first consumer in
+    /// line can take it (plus one hash insert for manual ack); O(G + S) otherwise, G = priority
+    /// groups visited, S = consumers skipped for lack of channel credit. O(1) when no message
+    /// is ready.
+    pub fn next_delivery(
+        &mut self,
+        channel_has_credit: &mut impl FnMut(ChannelKey) -> bool,
+    ) -> Option<Delivery<M>>
+    where
+        M: Clone,
+    {
+        let entry = self.ready.pop_front()?;
+        let Some(picked) = self.consumers.pick(channel_has_credit) else {
+            self.ready.unpop_front(entry);
+            return None;
+        };
+        if !picked.no_ack {
+            self.hold_unacked(
+                entry.seq,
+                entry.msg.clone(),
+                Owner {
+                    channel: picked.key.channel,
+                    consumer: Some(picked.id),
+                },
+            );
+        }
+        Some(Delivery {
+            consumer: picked.key,
+            seq: entry.seq,
+            msg: entry.msg,
+            redelivered: entry.redelivered,
+            no_ack: picked.no_ack,
+        })
+    }
+
+    /// basic.get by `channel`. With manual ack the message becomes unacked, owned by the
+    /// channel (no consumer credit involved), and is requeued if the channel closes.
+    pub fn get(&mut self, channel: ChannelKey, no_ack: bool) -> Option<GetResult<M>>
+    where
+        M: Clone,
+    {
+        let entry = self.ready.pop_front()?;
+        if !no_ack {
+            self.hold_unacked(
+                entry.seq,
+                entry.msg.clone(),
+                Owner {
+                    channel,
+                    consumer: None,
+                },
+            );
+        }
+        Some(GetResult {
+            seq: entry.seq,
+            msg: entry.msg,
+            redelivered: entry.redelivered,
+            remaining: u32::try_from(self.ready.len()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// basic.ack of one message: it leaves the queue and its consumer's credit returns.
+    /// Returns the message (to tell the store), None if `seq` is not unacked here.
+    /// Run the dispatch loop afterwards: the credit may unblock a consumer.
+    pub fn ack(&mut self, seq: MsgSeq) -> Option<M> {
+        self.settle(seq).map(|u| u.msg)
+    }
+
+    /// basic.reject / basic.nack of one message. None if `seq` is not unacked here.
+    pub fn reject(&mut self, seq: MsgSeq, requeue: bool) -> Option<Rejected<M>> {
+        let unacked = self.settle(seq)?;
+        if requeue {
+            self.ready.requeue(vec![ReadyEntry {
+                seq,
+                msg: unacked.msg,
+                redelivered: true,
+            }]);
+            Some(Rejected::Requeued)
+        } else {
+            Some(Rejected::Dropped(unacked.msg))
+        }
+    }
+
+    /// Requeues unacked messages (basic.nack multiple, basic.recover requeue=true) to their
+    /// original positions with `redelivered` set; unknown seqs are ignored. Returns how many
+    /// were requeued.
+    pub fn requeue(&mut self, seqs: impl IntoIterator<Item = MsgSeq>) -> usize {
+        let batch: Vec<ReadyEntry<M>> = seqs
+            .into_iter()
+            .filter_map(|seq| {
+                self.settle(seq).map(|u| ReadyEntry {
+                    seq,
+                    msg: u.msg,
+                    redelivered: true,
+                })
+            })
+            .collect();
+        let n = batch.len();
+        self.ready.requeue(batch);
+        n
+    }
+
+    /// The channel closed (or its connection did): its consumers go and all its unacked
+    /// messages here are requeued at their original positions, redelivered.
+    /// O(consumers + the channel's unacked).
+    pub fn channel_closed(&mut self, channel: ChannelKey) -> ClosedOutcome {
+        let cancelled = self.consumers.remove_channel(channel);
+        let seqs = self
+            .unacked_by_channel
+            .get(&channel)
+            .map(|set| set.iter().copied().collect::<Vec<_>>())
+            .unwrap_or_default();
+        let requeued = self.requeue(seqs);
+        let lost_last_consumer = !cancelled.is_empty() && self.consumers.is_empty();
+        ClosedOutcome {
+            cancelled,
+            requeued,
+            lost_last_consumer,
+        }
+    }
+
+    /// queue.purge: removes every ready message and returns them (purge-ok message-count is
+    /// their number). Unacked messages are untouched, as in RabbitMQ.
+    pub fn purge(&mut self) -> Vec<M> {
+        self.ready.drain()
+    }
+
+    /// Ready messages (queue.declare-ok / purge-ok / delete-ok message-count).
+    pub fn message_count(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Delivered and not yet settled, over all channels.
+    pub fn unacked_count(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Unacked messages of one channel in this queue.
+    pub fn unacked_count_of(&self, channel: ChannelKey) -> usize {
+        self.unacked_by_channel
+            .get(&channel)
+            .map_or(0, HashSet::len)
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.consumers.len()
+    }
+
+    /// No ready messages (RabbitMQ's meaning, used by queue.delete if-empty; unacked
+    /// messages do not count).
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
+    }
+
+    pub fn has_consumers(&self) -> bool {
+        !self.consumers.is_empty()
+    }
+
+    pub fn has_exclusive_consumer(&self) -> bool {
+        self.consumers.has_exclusive()
+    }
+
+    pub fn consumer(&self, key: &ConsumerKey) -> Option<ConsumerInfo> {
+        self.consumers.info(key)
+    }
+
+    /// All consumers, in registration order.
+    pub fn consumers(&self) -> Vec<ConsumerInfo> {
+        self.consumers.infos()
+    }
+
+    fn hold_unacked(&mut self, seq: MsgSeq, msg: M, owner: Owner) {
+        self.unacked_by_channel
+            .entry(owner.channel)
+            .or_default()
+            .insert(seq);
+        self.unacked.insert(seq, Unacked { msg, owner });
+    }
+
+    /// Takes `seq` out of the unacked set and returns its consumer's credit.
+    fn settle(&mut self, seq: MsgSeq) -> Option<Unacked<M>> {
+        let unacked = self.unacked.remove(&seq)?;
+        let channel = unacked.owner.channel;
+        if let Some(set) = self.unacked_by_channel.get_mut(&channel) {
+            set.remove(&seq);
+            if set.is_empty() {
+                self.unacked_by_channel.remove(&channel);
+            }
+        }
+        if let Some(id) = unacked.owner.consumer {
+            self.consumers.settled(id);
+        }
+        Some(unacked)
+    }
+
+    #[cfg(test)]
+    fn ready_snapshot(&self) -> Vec<(MsgSeq, M, bool)>
+    where
+        M: Clone,
+    {
+        self.ready
+            .iter()
+            .map(|e| (e.seq, e.msg.clone(), e.redelivered))
+            .collect()
+    }
+
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        self.consumers.check_invariants();
+        let ready: Vec<MsgSeq> = self.ready.iter().map(|e| e.seq).collect();
+        assert!(ready.windows(2).all(|w| w[0] < w[1]), "ready sorted by seq");
+        for seq in &ready {
+            assert!(seq.0 < self.next_seq);
+            assert!(!self.unacked.contains_key(seq));
+        }
+        let mut by_channel: HashMap<ChannelKey, HashSet<MsgSeq>> = HashMap::new();
+        for (seq, u) in &self.unacked {
+            by_channel.entry(u.owner.channel).or_default().insert(*seq);
+        }
+        assert_eq!(by_channel, self.unacked_by_channel);
+        for info in self.consumers.infos() {
+            let Some(id) = self.consumers.id_of(&info.key) else {
+                panic!("listed consumer without id");
+            };
+            let charged = self
+                .unacked
+                .values()
+                .filter(|u| u.owner.consumer == Some(id))
+                .count();
+            assert_eq!(charged, info.unacked as usize);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn key(ch: u64, tag: &str) -> ConsumerKey {
+        ConsumerKey::new(ChannelKey(ch), tag)
+    }
+
+    fn spec(ch: u64, tag: &str, prefetch: u16) -> ConsumerSpec {
+        ConsumerSpec {
+            key: key(ch, tag),
+            priority: 0,
+            prefetch,
+            no_ack: false,
+            exclusive: false,
+        }
+    }
+
+    fn always(_: ChannelKey) -> bool {
+        true
+    }
+
+    fn drain(q: &mut QueueCore<u32>) -> Vec<Delivery<u32>> {
+        let mut out = Vec::new();
+        while let Some(d) = q.next_delivery(&mut always) {
+            out.push(d);
+        }
+        q.check_invariants();
+        out
+    }
+
+    fn ready(q: &QueueCore<u32>) -> Vec<(u64, u32, bool)> {
+        q.ready_snapshot()
+            .into_iter()
+            .map(|(s, m, r)| (s.0, m, r))
+            .collect()
+    }
+
+    #[test]
+    fn publish_then_consume_in_order() {
+        let mut q = QueueCore::new();
+        for m in 0..5 {
+            assert_eq!(q.publish(m), MsgSeq(u64::from(m)));
+        }
+        assert_eq!(q.message_count(), 5);
+        q.add_consumer(spec(1, "c", 0)).unwrap();
+        let got = drain(&mut q);
+        assert_eq!(
+            got.iter().map(|d| d.msg).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
+        assert!(got.iter().all(|d| !d.redelivered && !d.no_ack));
+        assert_eq!(q.message_count(), 0);
+        assert_eq!(q.unacked_count(), 5);
+        assert_eq!(q.ack(MsgSeq(2)), Some(2));
+        assert_eq!(q.ack(MsgSeq(2)), None, "double ack is unknown");
+        assert_eq!(q.unacked_count(), 4);
+    }
+
+    #[test]
+    fn no_consumer_no_delivery() {
+        let mut q = QueueCore::new();
+        q.publish(1);
+        assert!(q.next_delivery(&mut always).is_none());
+        assert_eq!(q.message_count(), 1);
+        q.check_invariants();
+    }
+
+    #[test]
+    fn no_ack_deliveries_leave_the_queue() {
+        let mut q = QueueCore::new();
+        let mut s = spec(1, "c", 1);
+        s.no_ack = true;
+        q.add_consumer(s).unwrap();
+        for m in 0..3 {
+            q.publish(m);
+        }
+        let got = drain(&mut q);
+        assert_eq!(got.len(), 3, "prefetch does not limit no-ack consumers");
+        assert!(got.iter().all(|d| d.no_ack));
+        assert_eq!(q.unacked_count(), 0);
+        assert_eq!(q.message_count(), 0);
+    }
+
+    #[test]
+    fn prefetch_blocks_until_ack() {
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "c", 2)).unwrap();
+        for m in 0..5 {
+            q.publish(m);
+        }
+        let got = drain(&mut q);
+        assert_eq!(got.len(), 2);
+        assert_eq!(q.message_count(), 3);
+        q.ack(got[0].seq).unwrap();
+        let got = drain(&mut q);
+        assert_eq!(got.iter().map(|d| d.msg).collect::<Vec<_>>(), [2]);
+        assert_eq!(q.consumer(&key(1, "c")).unwrap().unacked, 2);
+    }
+
+    #[test]
+    fn round_robin_is_fair() {
+        let mut q = QueueCore::new();
+        for tag in ["a", "b", "c"] {
+            q.add_consumer(spec(1, tag, 0)).unwrap();
+        }
+        for m in 0..300 {
+            q.publish(m);
+        }
+        let got = drain(&mut q);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for (i, d) in got.iter().enumerate() {
+            *counts.entry(d.consumer.tag.to_string()).or_default() += 1;
+            assert_eq!(&*d.consumer.tag, ["a", "b", "c"][i % 3]);
+        }
+        assert!(counts.values().all(|&n| n == 100));
+    }
+
+    #[test]
+    fn consumer_priorities() {
+        let mut q = QueueCore::new();
+        q.add_consumer(ConsumerSpec {
+            priority: 10,
+            ..spec(1, "hi", 3)
+        })
+        .unwrap();
+        q.add_consumer(spec(2, "lo", 0)).unwrap();
+        for m in 0..5 {
+            q.publish(m);
+        }
+        let got: Vec<_> = drain(&mut q)
+            .into_iter()
+            .map(|d| (d.consumer.tag.to_string(), d.msg))
+            .collect();
+        let expect: Vec<(String, u32)> = vec![
+            ("hi".into(), 0),
+            ("hi".into(), 1),
+            ("hi".into(), 2),
+            ("lo".into(), 3),
+            ("lo".into(), 4),
+        ];
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn channel_credit_closure_is_respected() {
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "a", 0)).unwrap();
+        q.add_consumer(spec(2, "b", 0)).unwrap();
+        for m in 0..4 {
+            q.publish(m);
+        }
+        // Channel 1 has a global limit of 1 that the closure reserves from.
+        let mut left_1 = 1;
+        let mut credit = |ch: ChannelKey| {
+            if ch == ChannelKey(1) {
+                if left_1 == 0 {
+                    return false;
+                }
+                left_1 -= 1;
+            }
+            true
+        };
+        let mut got = Vec::new();
+        while let Some(d) = q.next_delivery(&mut credit) {
+            got.push((d.consumer.channel.0, d.msg));
+        }
+        assert_eq!(got, [(1, 0), (2, 1), (2, 2), (2, 3)]);
+        q.check_invariants();
+    }
+
+    #[test]
+    fn requeue_returns_to_original_positions() {
+        // ready [7, 8] and requeue [5, 3] -> 3, 5, 7, 8 with redelivered on 3 and 5.
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "c", 0)).unwrap();
+        for m in 0..7 {
+            q.publish(m);
+        }
+        let got = drain(&mut q);
+        assert_eq!(got.len(), 7);
+        q.cancel_consumer(&key(1, "c"));
+        q.publish(7);
+        q.publish(8);
+        assert_eq!(q.requeue([MsgSeq(5), MsgSeq(3)]), 2);
+        assert_eq!(
+            ready(&q),
+            [(3, 3, true), (5, 5, true), (7, 7, false), (8, 8, false)]
+        );
+        // Requeue into the middle keeps the order too.
+        assert_eq!(q.requeue([MsgSeq(4), MsgSeq(99)]), 1, "unknown seq ignored");
+        assert_eq!(
+            ready(&q).iter().map(|e| e.0).collect::<Vec<_>>(),
+            [3, 4, 5, 7, 8]
+        );
+        q.check_invariants();
+        // The requeued messages are redelivered first, flagged.
+        q.add_consumer(spec(1, "d", 0)).unwrap();
+        let got = drain(&mut q);
+        assert_eq!(
+            got.iter()
+                .map(|d| (d.msg, d.redelivered))
+                .collect::<Vec<_>>(),
+            [(3, true), (4, true), (5, true), (7, false), (8, false)]
+        );
+    }
+
+    #[test]
+    fn reject_requeue_and_drop() {
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "c", 1)).unwrap();
+        q.publish(10);
+        q.publish(11);
+        let d = drain(&mut q);
+        assert_eq!(d.len(), 1);
+        assert_eq!(q.reject(d[0].seq, true), Some(Rejected::Requeued));
+        let d = drain(&mut q);
+        assert_eq!((d[0].msg, d[0].redelivered), (10, true));
+        assert_eq!(q.reject(d[0].seq, false), Some(Rejected::Dropped(10)));
+        assert_eq!(q.reject(d[0].seq, false), None);
+        let d = drain(&mut q);
+        assert_eq!((d[0].msg, d[0].redelivered), (11, false));
+    }
+
+    #[test]
+    fn cancel_keeps_unacked_until_channel_close() {
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "c", 0)).unwrap();
+        q.publish(1);
+        q.publish(2);
+        let d = drain(&mut q);
+        assert_eq!(d.len(), 2);
+        assert!(q.cancel_consumer(&key(1, "c")));
+        assert!(!q.cancel_consumer(&key(1, "c")));
+        assert!(!q.has_consumers());
+        assert_eq!(q.unacked_count(), 2);
+        // Acking after cancel still works.
+        assert_eq!(q.ack(d[0].seq), Some(1));
+        let out = q.channel_closed(ChannelKey(1));
+        assert_eq!(out.requeued, 1);
+        assert!(out.cancelled.is_empty());
+        assert!(!out.lost_last_consumer);
+        assert_eq!(ready(&q), [(1, 2, true)]);
+        q.check_invariants();
+    }
+
+    #[test]
+    fn channel_closed_requeues_and_reports_last_consumer() {
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "a", 0)).unwrap();
+        q.add_consumer(spec(1, "b", 0)).unwrap();
+        q.add_consumer(spec(2, "x", 0)).unwrap();
+        for m in 0..6 {
+            q.publish(m);
+        }
+        let d = drain(&mut q);
+        assert_eq!(d.len(), 6);
+        q.publish(6);
+        let g = q.get(ChannelKey(1), false).unwrap();
+        assert_eq!(g.msg, 6);
+        let out = q.channel_closed(ChannelKey(1));
+        assert_eq!(out.cancelled, vec![key(1, "a"), key(1, "b")]);
+        // a got 0 and 3, b got 1 and 4, plus the basic.get of 6.
+        assert_eq!(out.requeued, 5);
+        assert!(!out.lost_last_consumer);
+        assert_eq!(
+            ready(&q),
+            [
+                (0, 0, true),
+                (1, 1, true),
+                (3, 3, true),
+                (4, 4, true),
+                (6, 6, true)
+            ]
+        );
+        // x got 2 and 5.
+        assert_eq!(q.unacked_count(), 2);
+        assert_eq!(q.unacked_count_of(ChannelKey(2)), 2);
+        q.check_invariants();
+        let out = q.channel_closed(ChannelKey(2));
+        assert!(out.lost_last_consumer);
+        assert_eq!(out.requeued, 2);
+        assert_eq!(q.message_count(), 7);
+        let out = q.channel_closed(ChannelKey(2));
+        assert_eq!(out.requeued, 0);
+        assert!(!out.lost_last_consumer);
+    }
+
+    #[test]
+    fn get_counts_and_ownership() {
+        let mut q = QueueCore::new();
+        assert!(q.get(ChannelKey(1), true).is_none());
+        for m in 0..3 {
+            q.publish(m);
+        }
+        let g = q.get(ChannelKey(1), true).unwrap();
+        assert_eq!((g.msg, g.remaining, g.redelivered), (0, 2, false));
+        assert_eq!(q.unacked_count(), 0);
+        let g = q.get(ChannelKey(1), false).unwrap();
+        assert_eq!((g.msg, g.remaining), (1, 1));
+        assert_eq!(q.unacked_count(), 1);
+        assert_eq!(q.reject(g.seq, true), Some(Rejected::Requeued));
+        let g = q.get(ChannelKey(1), false).unwrap();
+        assert_eq!((g.msg, g.remaining, g.redelivered), (1, 1, true));
+        assert_eq!(q.ack(g.seq), Some(1));
+        q.check_invariants();
+    }
+
+    #[test]
+    fn get_does_not_consume_consumer_credit() {
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "c", 1)).unwrap();
+        q.publish(0);
+        q.get(ChannelKey(1), false).unwrap();
+        q.publish(1);
+        let d = drain(&mut q);
+        assert_eq!(d.len(), 1);
+        assert_eq!(q.consumer(&key(1, "c")).unwrap().unacked, 1);
+    }
+
+    #[test]
+    fn purge_leaves_unacked_alone() {
+        let mut q = QueueCore::new();
+        q.add_consumer(spec(1, "c", 2)).unwrap();
+        for m in 0..5 {
+            q.publish(m);
+        }
+        let d = drain(&mut q);
+        assert_eq!(d.len(), 2);
+        assert_eq!(q.purge(), vec![2, 3, 4]);
+        assert!(q.is_empty());
+        assert_eq!(q.unacked_count(), 2);
+        assert_eq!(q.ack(d[1].seq), Some(1));
+        assert_eq!(q.requeue([d[0].seq]), 1);
+        assert_eq!(ready(&q), [(0, 0, true)]);
+        q.check_invariants();
+    }
+
+    #[test]
+    fn exclusive_consumer() {
+        let mut q: QueueCore<u32> = QueueCore::new();
+        q.add_consumer(ConsumerSpec {
+            exclusive: true,
+            ..spec(1, "x", 0)
+        })
+        .unwrap();
+        assert!(q.has_exclusive_consumer());
+        assert_eq!(
+            q.add_consumer(spec(2, "y", 0)),
+            Err(ConsumeError::ExclusiveInUse)
+        );
+        q.cancel_consumer(&key(1, "x"));
+        q.add_consumer(spec(2, "y", 0)).unwrap();
+        assert_eq!(
+            q.add_consumer(ConsumerSpec {
+                exclusive: true,
+                ..spec(3, "z", 0)
+            }),
+            Err(ConsumeError::ExclusiveInUse)
+        );
+        assert_eq!(q.consumers().len(), 1);
+    }
+
+    #[test]
+    fn large_backlog_and_credit_churn_stay_fast() {
+        // A smoke test of the amortised cost: 100k deliveries through 10 consumers with small
+        // prefetch, acking as we go.
+        let mut q = QueueCore::new();
+        for i in 0..10 {
+            q.add_consumer(spec(i, "c", 5)).unwrap();
+        }
+        for m in 0..100_000 {
+            q.publish(m);
+        }
+        let mut delivered = 0;
+        loop {
+            // Not `drain`: its full invariant check per batch would dominate the run time.
+            let mut batch = Vec::new();
+            while let Some(d) = q.next_delivery(&mut always) {
+                batch.push(d);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            delivered += batch.len();
+            for d in batch {
+                q.ack(d.seq).unwrap();
+            }
+        }
+        assert_eq!(delivered, 100_000);
+        q.check_invariants();
+        assert_eq!(q.unacked_count(), 0);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod model {
+    //! Stateful property test: random operations against a naive Vec-based reference.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const CHANNELS: u64 = 3;
+    /// Channel 2 has a channel-wide (global) prefetch of this many manual-ack deliveries.
+    const GLOBAL_LIMIT_CH2: usize = 2;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Publish,
+        Consume {
+            channel: u64,
+            tag: u8,
+            priority: i32,
+            prefetch: u16,
+            no_ack: bool,
+            exclusive: bool,
+        },
+        Cancel {
+            channel: u64,
+            tag: u8,
+        },
+        Dispatch,
+        Ack(usize),
+        Reject(usize, bool),
+        RequeueMany(Vec<usize>),
+        Get {
+            channel: u64,
+            no_ack: bool,
+        },
+        CloseChannel(u64),
+        Purge,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Publish),
+            2 => (0..CHANNELS, 0u8..3, -1i32..=1, 0u16..3, any::<bool>(), prop::bool::weighted(0.1))
+                .prop_map(|(channel, tag, priority, prefetch, no_ack, exclusive)| Op::Consume {
+                    channel, tag, priority, prefetch, no_ack, exclusive
+                }),
+            1 => (0..CHANNELS, 0u8..3).prop_map(|(channel, tag)| Op::Cancel { channel, tag }),
+            3 => Just(Op::Dispatch),
+            3 => any::<usize>().prop_map(Op::Ack),
+            2 => (any::<usize>(), any::<bool>()).prop_map(|(i, r)| Op::Reject(i, r)),
+            1 => prop::collection::vec(any::<usize>(), 0..4).prop_map(Op::RequeueMany),
+            1 => (0..CHANNELS, any::<bool>()).prop_map(|(channel, no_ack)| Op::Get { channel, no_ack }),
+            1 => (0..CHANNELS).prop_map(Op::CloseChannel),
+            1 => Just(Op::Purge),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct ModelConsumer {
+        key: ConsumerKey,
+        priority: i32,
+        prefetch: u16,
+        no_ack: bool,
+        exclusive: bool,
+        /// Generation, so a re-registered tag does not inherit old deliveries.
+        generation: u64,
+    }
+
+    #[derive(Debug, Clone)]
+    struct ModelUnacked {
+        seq: u64,
+        msg: u32,
+        channel: ChannelKey,
+        consumer: Option<(ConsumerKey, u64)>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Model {
+        next: u64,
+        ready: Vec<(u64, u32, bool)>,
+        unacked: Vec<ModelUnacked>,
+        consumers: Vec<ModelConsumer>,
+        generation: u64,
+        published: usize,
+        gone: usize,
+    }
+
+    impl Model {
+        fn in_flight(&self, key: &ConsumerKey, generation: u64) -> usize {
+            self.unacked
+                .iter()
+                .filter(|u| u.consumer.as_ref() == Some(&(key.clone(), generation)))
+                .count()
+        }
+
+        fn channel_unacked(&self, channel: ChannelKey) -> usize {
+            self.unacked.iter().filter(|u| u.channel == channel).count()
+        }
+
+        fn channel_has_credit(&self, channel: ChannelKey) -> bool {
+            channel != ChannelKey(2) || self.channel_unacked(channel) < GLOBAL_LIMIT_CH2
+        }
+
+        fn eligible(&self, c: &ModelConsumer) -> bool {
+            let own = c.no_ack
+                || c.prefetch == 0
+                || self.in_flight(&c.key, c.generation) < usize::from(c.prefetch);
+            own && self.channel_has_credit(c.key.channel)
+        }
+
+        fn requeue(&mut self, idx: &[usize]) {
+            let mut idx = idx.to_vec();
+            idx.sort_unstable();
+            idx.dedup();
+            for i in idx.into_iter().rev() {
+                let u = self.unacked.remove(i);
+                self.ready.push((u.seq, u.msg, true));
+            }
+            self.ready.sort_by_key(|e| e.0);
+        }
+    }
+
+    fn check(q: &QueueCore<u32>, m: &Model) {
+        q.check_invariants();
+        let ready: Vec<(u64, u32, bool)> = q
+            .ready_snapshot()
+            .into_iter()
+            .map(|(s, msg, r)| (s.0, msg, r))
+            .collect();
+        assert_eq!(ready, m.ready, "ready order and redelivered flags");
+        let mut unacked: Vec<u64> = q.unacked.keys().map(|s| s.0).collect();
+        unacked.sort_unstable();
+        let mut model_unacked: Vec<u64> = m.unacked.iter().map(|u| u.seq).collect();
+        model_unacked.sort_unstable();
+        assert_eq!(unacked, model_unacked);
+        assert_eq!(
+            m.published,
+            m.ready.len() + m.unacked.len() + m.gone,
+            "conservation"
+        );
+        assert_eq!(q.message_count(), m.ready.len());
+        assert_eq!(q.unacked_count(), m.unacked.len());
+        assert_eq!(q.consumer_count(), m.consumers.len());
+        for c in &m.consumers {
+            let info = q.consumer(&c.key).expect("consumer listed");
+            let flight = m.in_flight(&c.key, c.generation);
+            assert_eq!(info.unacked as usize, flight);
+            if !c.no_ack && c.prefetch > 0 {
+                assert!(flight <= usize::from(c.prefetch), "prefetch exceeded");
+            }
+        }
+    }
+
+    fn pick_index(len: usize, i: usize) -> Option<usize> {
+        (len > 0).then(|| i % len)
+    }
+
+    fn run(ops: Vec<Op>) {
+        let mut q: QueueCore<u32> = QueueCore::new();
+        let mut m = Model::default();
+        for op in ops {
+            match op {
+                Op::Publish => {
+                    let msg = m.published as u32;
+                    let seq = q.publish(msg);
+                    assert_eq!(seq.0, m.next);
+                    m.ready.push((m.next, msg, false));
+                    m.next += 1;
+                    m.published += 1;
+                }
+                Op::Consume {
+                    channel,
+                    tag,
+                    priority,
+                    prefetch,
+                    no_ack,
+                    exclusive,
+                } => {
+                    let key = ConsumerKey::new(ChannelKey(channel), format!("t{tag}"));
+                    let expected = if m.consumers.iter().any(|c| c.key == key) {
+                        Err(ConsumeError::TagInUse(key.tag.clone()))
+                    } else if m.consumers.iter().any(|c| c.exclusive)
+                        || (exclusive && !m.consumers.is_empty())
+                    {
+                        Err(ConsumeError::ExclusiveInUse)
+                    } else {
+                        Ok(())
+                    };
+                    let got = q.add_consumer(ConsumerSpec {
+                        key: key.clone(),
+                        priority,
+                        prefetch,
+                        no_ack,
+                        exclusive,
+                    });
+                    assert_eq!(got, expected);
+                    if got.is_ok() {
+                        m.generation += 1;
+                        m.consumers.push(ModelConsumer {
+                            key,
+                            priority,
+                            prefetch,
+                            no_ack,
+                            exclusive,
+                            generation: m.generation,
+                        });
+                    }
+                }
+                Op::Cancel { channel, tag } => {
+                    let key = ConsumerKey::new(ChannelKey(channel), format!("t{tag}"));
+                    let before = m.consumers.len();
+                    m.consumers.retain(|c| c.key != key);
+                    assert_eq!(q.cancel_consumer(&key), before != m.consumers.len());
+                }
+                Op::Dispatch => loop {
+                    let mut asked_false = Vec::new();
+                    let d = {
+                        let mut credit = |ch: ChannelKey| {
+                            let ok = m.channel_has_credit(ch);
+                            if !ok {
+                                asked_false.push(ch);
+                            }
+                            ok
+                        };
+                        q.next_delivery(&mut credit)
+                    };
+                    let Some(d) = d else {
+                        // Liveness: nothing deliverable means no message or no eligible consumer.
+                        assert!(
+                            m.ready.is_empty() || !m.consumers.iter().any(|c| m.eligible(c)),
+                            "stalled with an eligible consumer"
+                        );
+                        break;
+                    };
+                    assert!(!asked_false.contains(&d.consumer.channel));
+                    let head = m.ready.remove(0);
+                    assert_eq!((d.seq.0, d.msg, d.redelivered), head);
+                    let c = m
+                        .consumers
+                        .iter()
+                        .find(|c| c.key == d.consumer)
+                        .expect("delivered to a live consumer")
+                        .clone();
+                    assert!(m.eligible(&c), "delivered to a blocked consumer");
+                    // Priority: no eligible consumer of a higher priority was passed over.
+                    assert!(!m
+                        .consumers
+                        .iter()
+                        .any(|o| o.priority > c.priority && m.eligible(o)));
+                    assert_eq!(d.no_ack, c.no_ack);
+                    if c.no_ack {
+                        m.gone += 1;
+                    } else {
+                        m.unacked.push(ModelUnacked {
+                            seq: head.0,
+                            msg: head.1,
+                            channel: c.key.channel,
+                            consumer: Some((c.key.clone(), c.generation)),
+                        });
+                    }
+                },
+                Op::Ack(i) => {
+                    if let Some(i) = pick_index(m.unacked.len(), i) {
+                        let u = m.unacked.remove(i);
+                        assert_eq!(q.ack(MsgSeq(u.seq)), Some(u.msg));
+                        m.gone += 1;
+                    } else {
+                        assert_eq!(q.ack(MsgSeq(m.next + 7)), None);
+                    }
+                }
+                Op::Reject(i, requeue) => {
+                    if let Some(i) = pick_index(m.unacked.len(), i) {
+                        let u = m.unacked[i].clone();
+                        let got = q.reject(MsgSeq(u.seq), requeue);
+                        if requeue {
+                            assert_eq!(got, Some(Rejected::Requeued));
+                            m.requeue(&[i]);
+                        } else {
+                            assert_eq!(got, Some(Rejected::Dropped(u.msg)));
+                            m.unacked.remove(i);
+                            m.gone += 1;
+                        }
+                    }
+                }
+                Op::RequeueMany(idx) => {
+                    let idx: Vec<usize> = idx
+                        .into_iter()
+                        .filter_map(|i| pick_index(m.unacked.len(), i))
+                        .collect();
+                    let seqs: Vec<MsgSeq> = idx.iter().map(|&i| MsgSeq(m.unacked[i].seq)).collect();
+                    let mut distinct = idx.clone();
+                    distinct.sort_unstable();
+                    distinct.dedup();
+                    assert_eq!(q.requeue(seqs), distinct.len());
+                    m.requeue(&idx);
+                }
+                Op::Get { channel, no_ack } => {
+                    let got = q.get(ChannelKey(channel), no_ack);
+                    if m.ready.is_empty() {
+                        assert!(got.is_none());
+                    } else {
+                        let head = m.ready.remove(0);
+                        let g = got.expect("get returns the head");
+                        assert_eq!((g.seq.0, g.msg, g.redelivered), head);
+                        assert_eq!(g.remaining as usize, m.ready.len());
+                        if no_ack {
+                            m.gone += 1;
+                        } else {
+                            m.unacked.push(ModelUnacked {
+                                seq: head.0,
+                                msg: head.1,
+                                channel: ChannelKey(channel),
+                                consumer: None,
+                            });
+                        }
+                    }
+                }
+                Op::CloseChannel(channel) => {
+                    let channel = ChannelKey(channel);
+                    let out = q.channel_closed(channel);
+                    let had = m.consumers.len();
+                    let cancelled: Vec<ConsumerKey> = m
+                        .consumers
+                        .iter()
+                        .filter(|c| c.key.channel == channel)
+                        .map(|c| c.key.clone())
+                        .collect();
+                    m.consumers.retain(|c| c.key.channel != channel);
+                    assert_eq!(out.cancelled, cancelled);
+                    assert_eq!(
+                        out.lost_last_consumer,
+                        had > 0 && !cancelled.is_empty() && m.consumers.is_empty()
+                    );
+                    let idx: Vec<usize> = m
+                        .unacked
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, u)| u.channel == channel)
+                        .map(|(i, _)| i)
+                        .collect();
+                    assert_eq!(out.requeued, idx.len());
+                    m.requeue(&idx);
+                }
+                Op::Purge => {
+                    let purged = q.purge();
+                    let expect: Vec<u32> = m.ready.drain(..).map(|e| e.1).collect();
+                    assert_eq!(purged, expect);
+                    m.gone += expect.len();
+                }
+            }
+            check(&q, &m);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        #[test]
+        fn queue_core_matches_model(ops in prop::collection::vec(op(), 1..120)) {
+            run(ops);
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Listeners, the accept loop and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::connection;
+
+/// How long connections get to finish their close handshake after the shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// A running broker: bound listeners plus the handle that stops it.
+pub struct Server {
+    broker: Arc<Broker>,
+    listeners: Vec<TcpListener>,
+}
+
+impl Server {
+    /// Binds every configured listener. An IPv6 loopback listener that cannot be bound (no IPv6
+    /// on the host) is skipped with a warning; any other bind failure is an error.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    info!(addr = %listener.local_addr().unwrap_or(*addr), "listening for AMQP 0-9-1");
+                    listeners.push(listener);
+                }
+                Err(e) if addr.is_ipv6() && config.listen.len() > 1 => {
+                    warn!(%addr, error = %e, "skipping IPv6 listener");
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr}")),
+            }
+        }
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
+        Ok(Server {
+            broker: Broker::new(config),
+            listeners,
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `stop` resolves, then closes every connection with 320 and returns.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        // Each connection task holds a clone; recv() returns None once all have finished.
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        for listener in self.listeners {
+            let broker = self.broker.clone();
+            let shutdown = shutdown_rx.clone();
+            let done = done_tx.clone();
+            tokio::spawn(accept_loop(listener, broker, shutdown, done));
+        }
+        drop(done_tx);
+        stop.await;
+        info!(
+            connections = self.broker.open_connections(),
+            "shutting down: closing client connections"
+        );
+        let _ = shutdown_tx.send(true);
+        if tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv())
+            .await
+            .is_err()
+        {
+            warn!("some connections did not close in time");
+        }
+        info!("stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let broker = broker.clone();
+                    let shutdown = shutdown.clone();
+                    let done = done.clone();
+                    tokio::spawn(async move {
+                        connection::serve(stream, peer, broker, shutdown).await;
+                        drop(done);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

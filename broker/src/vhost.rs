@@ -1,0 +1,329 @@
+//! A virtual host: owns its topology (exchanges and bindings) and its queues.
+//!
+//! Lock order: `topology` before `queues` before any queue's own lock. Neither is held across
+//! `.await`, and `route` holds the topology read lock only while collecting queue names.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+
+use crate::error::{resource, AmqpError};
+use crate::exchange::{Destination, RouteSet, Topology};
+use crate::queue::handle::{ConnEvent, Queue, QueueProps};
+
+/// queue.declare arguments as the vhost needs them.
+#[derive(Debug)]
+pub struct QueueDeclare<'a> {
+    pub name: Arc<str>,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: &'a FieldTable,
+    pub conn_id: u64,
+    /// The client sent an empty name and the broker generated this one.
+    pub server_named: bool,
+}
+
+/// One virtual host.
+#[derive(Debug)]
+pub struct VHost {
+    pub name: Arc<str>,
+    topology: RwLock<Topology>,
+    queues: RwLock<HashMap<Arc<str>, Arc<Queue>>>,
+}
+
+impl VHost {
+    pub fn new(name: &str) -> VHost {
+        VHost {
+            name: Arc::from(name),
+            topology: RwLock::new(Topology::new(name)),
+            queues: RwLock::new(HashMap::new()),
+        }
+    }
+
+    // Poisoning only follows a panic in another task; the maps stay structurally valid because
+    // every mutation is a single insert/remove, so keep serving rather than cascading panics.
+    fn topology_read(&self) -> RwLockReadGuard<'_, Topology> {
+        self.topology.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn topology_write(&self) -> RwLockWriteGuard<'_, Topology> {
+        self.topology.write().unwrap_or_else(|e| e.into_inner())
+    }
+    fn queues_read(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Queue>>> {
+        self.queues.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn queues_write(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Queue>>> {
+        self.queues.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues_read().get(name).cloned()
+    }
+
+    // ------------------------------------------------------------------ exchanges
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn declare_exchange(
+        &self,
+        name: &str,
+        kind: &str,
+        passive: bool,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        self.topology_write()
+            .declare_exchange(
+                name,
+                kind,
+                passive,
+                durable,
+                auto_delete,
+                internal,
+                arguments,
+            )
+            .map(|_| ())
+    }
+
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
+        self.topology_write()
+            .delete_exchange(name, if_unused)
+            .map(|_| ())
+    }
+
+    pub fn bind(
+        &self,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        // RabbitMQ's precedence: default-exchange and exchange checks, then the queue.
+        self.topology_read().check_bind(source, &destination)?;
+        if let Destination::Queue(q) = &destination {
+            if self.queue(q).is_none() {
+                return Err(AmqpError::not_found(format!(
+                    "no {}",
+                    resource("queue", q, &self.name)
+                )));
+            }
+        }
+        self.topology_write()
+            .bind(source, &destination, routing_key, arguments)
+            .map(|_| ())
+    }
+
+    pub fn unbind(
+        &self,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        self.topology_write()
+            .unbind(source, &destination, routing_key, arguments)
+            .map(|_| ())
+    }
+
+    /// Fills `out` with the queues a publish reaches: the routing key, then every CC/BCC key.
+    pub fn route(
+        &self,
+        exchange: &str,
+        routing_key: &[u8],
+        extra_keys: &[Bytes],
+        headers: Option<&FieldTable>,
+        out: &mut RouteSet,
+    ) -> Result<(), AmqpError> {
+        let topology = self.topology_read();
+        topology.check_publish(exchange)?;
+        if extra_keys.is_empty() {
+            return topology.route(exchange, routing_key, headers, out);
+        }
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(extra_keys.len() + 1);
+        keys.push(routing_key);
+        keys.extend(extra_keys.iter().map(|k| &k[..]));
+        topology.route_keys(exchange, &keys, headers, out)
+    }
+
+    // ------------------------------------------------------------------ queues
+
+    /// queue.declare: create, or check equivalence with the existing queue.
+    /// Returns the queue with its (ready messages, consumers) counts.
+    pub fn declare_queue(&self, d: QueueDeclare<'_>) -> Result<(Arc<Queue>, u32, u32), AmqpError> {
+        let res = resource("queue", &d.name, &self.name);
+        if let Some(existing) = self.queue(&d.name) {
+            check_owner(&existing, d.conn_id)?;
+            if !d.passive {
+                check_equivalent(&existing, &d, &res)?;
+            }
+            let (messages, consumers) = existing.counts();
+            return Ok((existing, messages, consumers));
+        }
+        if d.passive {
+            return Err(AmqpError::not_found(format!("no {res}")));
+        }
+        if d.name.starts_with("amq.") && !d.server_named {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                d.name
+            )));
+        }
+        validate_queue_arguments(d.arguments, &res)?;
+        let props = QueueProps {
+            durable: d.durable,
+            auto_delete: d.auto_delete,
+            exclusive_owner: d.exclusive.then_some(d.conn_id),
+            arguments: d.arguments.clone(),
+        };
+        let mut queues = self.queues_write();
+        // Another connection may have won the race between our lookup and the write lock.
+        if let Some(existing) = queues.get(&d.name).cloned() {
+            drop(queues);
+            check_owner(&existing, d.conn_id)?;
+            check_equivalent(&existing, &d, &res)?;
+            let (messages, consumers) = existing.counts();
+            return Ok((existing, messages, consumers));
+        }
+        let queue = Queue::new(d.name.clone(), self.name.clone(), props);
+        queues.insert(d.name.clone(), queue.clone());
+        Ok((queue, 0, 0))
+    }
+
+    /// Deletes `queue` if it is still the one registered under its name; tells its consumers.
+    /// Returns the number of ready messages it held.
+    pub fn delete_queue_if_same(&self, queue: &Arc<Queue>) -> u32 {
+        {
+            let mut queues = self.queues_write();
+            match queues.get(&queue.name) {
+                Some(current) if Arc::ptr_eq(current, queue) => {
+                    queues.remove(&queue.name);
+                }
+                _ => return 0,
+            }
+        }
+        self.topology_write().remove_queue(&queue.name);
+        let (count, sinks) = queue.mark_deleted();
+        for (key, sink) in sinks {
+            let _ = sink.events.send(ConnEvent::ConsumerCancelled {
+                channel: key.channel,
+                channel_id: sink.channel_id,
+                tag: key.tag,
+            });
+        }
+        count
+    }
+
+    /// Deletes every exclusive queue owned by a closing connection.
+    pub fn delete_exclusive_queues(&self, names: &[Arc<str>], conn_id: u64) {
+        for name in names {
+            if let Some(queue) = self.queue(name) {
+                if queue.props.exclusive_owner == Some(conn_id) {
+                    self.delete_queue_if_same(&queue);
+                }
+            }
+        }
+    }
+}
+
+fn check_owner(queue: &Queue, conn_id: u64) -> Result<(), AmqpError> {
+    match queue.props.exclusive_owner {
+        Some(owner) if owner != conn_id => Err(AmqpError::resource_locked(format!(
+            "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            resource("queue", &queue.name, &queue.vhost)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// RabbitMQ compares durable, exclusive, auto_delete and the known x-arguments.
+fn check_equivalent(queue: &Queue, d: &QueueDeclare<'_>, res: &str) -> Result<(), AmqpError> {
+    let fail = |arg: &str, received: String, current: String| {
+        AmqpError::precondition_failed(format!(
+            "inequivalent arg '{arg}' for {res}: received '{received}' but current is '{current}'"
+        ))
+    };
+    let p = &queue.props;
+    if p.durable != d.durable {
+        return Err(fail(
+            "durable",
+            d.durable.to_string(),
+            p.durable.to_string(),
+        ));
+    }
+    if p.exclusive_owner.is_some() != d.exclusive {
+        return Err(fail(
+            "exclusive",
+            d.exclusive.to_string(),
+            p.exclusive_owner.is_some().to_string(),
+        ));
+    }
+    if p.auto_delete != d.auto_delete {
+        return Err(fail(
+            "auto_delete",
+            d.auto_delete.to_string(),
+            p.auto_delete.to_string(),
+        ));
+    }
+    for key in KNOWN_QUEUE_ARGS {
+        let old = p.arguments.inner().get(*key);
+        let new = d.arguments.inner().get(*key);
+        if old != new {
+            let show = |v: Option<&amq_protocol::types::AMQPValue>| {
+                v.map_or_else(|| "none".to_string(), crate::exchange::term::format_val)
+            };
+            return Err(fail(key, show(new), show(old)));
+        }
+    }
+    Ok(())
+}
+
+/// x-arguments RabbitMQ validates and compares on queue.declare.
+const KNOWN_QUEUE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-type",
+    "x-single-active-consumer",
+];
+
+/// Type and range checks of known x-arguments, with RabbitMQ's 406 text.
+fn validate_queue_arguments(args: &FieldTable, res: &str) -> Result<(), AmqpError> {
+    use crate::channel::int_value;
+    use amq_protocol::types::AMQPValue;
+    for (key, value) in args {
+        let key = key.as_str();
+        let valid = match key {
+            "x-expires" => int_value(value).is_some_and(|v| v > 0),
+            "x-message-ttl" | "x-max-length" | "x-max-length-bytes" => {
+                int_value(value).is_some_and(|v| v >= 0)
+            }
+            "x-max-priority" => int_value(value).is_some_and(|v| (0..=255).contains(&v)),
+            "x-dead-letter-exchange" | "x-dead-letter-routing-key" | "x-queue-mode" => {
+                matches!(value, AMQPValue::LongString(_) | AMQPValue::ShortString(_))
+            }
+            "x-overflow" => matches!(value, AMQPValue::LongString(s)
+                if matches!(s.as_bytes(), b"drop-head" | b"reject-publish" | b"reject-publish-dlx")),
+            "x-queue-type" => {
+                matches!(value, AMQPValue::LongString(s) if s.as_bytes() == b"classic")
+            }
+            "x-single-active-consumer" => matches!(value, AMQPValue::Boolean(_)),
+            _ => true,
+        };
+        if !valid {
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid arg '{key}' for {res}"
+            )));
+        }
+    }
+    Ok(())
+}
