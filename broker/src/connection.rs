@@ -920,7 +920,15 @@ fn client_capabilities(props: &FieldTable) -> ClientCapabilities {
 }
 
 /// Capabilities we advertise: only those that work end to end.
-pub const SERVER_CAPABILITIES: &[&str] = &["authentication_failure_close"];
+pub const SERVER_CAPABILITIES: &[&str] = &[
+    "publisher_confirms",
+    "exchange_exchange_bindings",
+    "basic.nack",
+    "consumer_cancel_notify",
+    "consumer_priorities",
+    "authentication_failure_close",
+    "per_consumer_qos",
+];
 
 fn start_method() -> connection::Start {
     let mut caps = FieldTable::default();
