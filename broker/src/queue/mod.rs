@@ -1,3 +1,2 @@
 pub mod consumers;
 pub mod core;
-pub mod handle;
