@@ -1,2 +1,3 @@
 pub mod consumers;
 pub mod core;
+pub mod handle;
