@@ -852,18 +852,23 @@ async fn server_properties_and_mechanisms() {
 }
 
 #[tokio::test]
-async fn connection_close_gets_close_ok_and_socket_closed() {
+async fn connection_close_gets_close_ok_and_server_waits_for_the_client_to_close() {
+    // RabbitMQ does not close the socket after close-ok: it waits (up to 30 s) for the client
+    // to do it. Clients rely on that: lapin ends in state Error instead of Closed when the
+    // server drops the socket right after close-ok.
     let fx = Fixture::new().await;
     let mut c = fx.client().await;
     c.close().await.expect("connection.close-ok");
-    // RabbitMQ does not close the socket after close-ok: it waits (up to 30 s) for the client
-    // to do it. Nothing but heartbeats may follow close-ok.
-    c.is_open_after(Duration::from_millis(500)).await.unwrap();
+    assert!(
+        c.is_open_after(Duration::from_millis(500)).await.unwrap(),
+        "the server closed the socket right after close-ok; RabbitMQ leaves that to the client"
+    );
     assert!(
         c.seen.last().is_some_and(|f| f.is_method(10, 51)),
         "nothing may follow connection.close-ok: {:?}",
         c.seen
     );
+    drop(c);
     fx.assert_still_serving().await;
 }
 
