@@ -45,23 +45,19 @@ pub enum ExchangeKind {
 /// Type names that are existing atoms in a RabbitMQ node but not exchange types: for them
 /// `rabbit_exchange:check_type/1` says "invalid" where any other unknown name gets "unknown"
 /// (it converts the name with `binary_to_existing_atom`). The real set is the node's whole
-/// atom table; these are the names seen in client test suites plus atoms every node has.
+/// atom table; these are the names measured as "invalid" against RabbitMQ 3.10.8, a sample of
+/// words clients and test suites actually send. Sorted, for binary search.
+#[rustfmt::skip]
 const NON_TYPE_ATOMS: &[&str] = &[
-    "",
-    "foo",
-    "bar",
-    "badtype",
-    "true",
-    "false",
-    "undefined",
-    "ok",
-    "error",
-    "none",
-    "queue",
-    "exchange",
-    "classic",
-    "quorum",
-    "stream",
+    "", "a", "all", "amqp", "any", "b", "bad", "badtype", "bar", "basic", "broadcast", "c",
+    "classic", "consistent", "consume", "d", "default", "delay", "dummy", "durable", "e",
+    "error", "event", "events", "exchange", "exclusive", "f", "false", "federation", "foo", "g",
+    "h", "header", "hello", "i", "internal", "invalid", "invalid_type", "j", "json", "k", "key",
+    "l", "lazy", "local", "m", "match", "message", "messages", "n", "name", "nil", "none",
+    "normal", "not_found", "null", "ok", "ordered", "other", "p", "priority", "publish", "q",
+    "queue", "quorum", "r", "rabbit", "random", "reply", "rpc", "s", "simple", "stream",
+    "string", "system", "t", "test", "trace", "transient", "true", "type", "u", "undefined",
+    "unknown", "user", "v", "value", "w", "work", "world", "x", "y", "z",
 ];
 
 impl ExchangeKind {
@@ -75,9 +71,9 @@ impl ExchangeKind {
             "fanout" => Ok(ExchangeKind::Fanout),
             "topic" => Ok(ExchangeKind::Topic),
             "headers" => Ok(ExchangeKind::Headers),
-            other if NON_TYPE_ATOMS.contains(&other) => Err(AmqpError::command_invalid(format!(
-                "invalid exchange type '{other}'"
-            ))),
+            other if NON_TYPE_ATOMS.binary_search(&other).is_ok() => Err(
+                AmqpError::command_invalid(format!("invalid exchange type '{other}'")),
+            ),
             other => Err(AmqpError::command_invalid(format!(
                 "unknown exchange type '{other}'"
             ))),
@@ -347,7 +343,11 @@ mod tests {
         let e = ExchangeKind::parse("").unwrap_err();
         assert_eq!(e.text, "COMMAND_INVALID - invalid exchange type ''");
         // Type names are case-sensitive, as atoms are.
-        assert!(ExchangeKind::parse("Direct").is_err());
+        assert_eq!(
+            ExchangeKind::parse("Direct").unwrap_err().text,
+            "COMMAND_INVALID - unknown exchange type 'Direct'"
+        );
+        assert!(NON_TYPE_ATOMS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]
