@@ -32,6 +32,8 @@ use crate::vhost::VHost;
 
 /// How long we wait for connection.close-ok after sending connection.close.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long we wait for the client to close its socket after our connection.close-ok.
+const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// Frame size used before tune-ok: the spec's minimum, which every client honours.
 const PRE_TUNE_FRAME_MAX: u32 = FRAME_MIN_SIZE;
 
@@ -238,8 +240,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Ok(user) => user,
             Err(e) => {
                 warn!(mechanism = %mechanism, error = %e, "login refused");
-                if matches!(e, AuthError::UnknownMechanism(_)) || !caps.authentication_failure_close
-                {
+                // Only a refused login gets the close frame; malformed responses and unknown
+                // mechanisms are dropped silently even with the capability (RabbitMQ 3.10).
+                let refused = matches!(
+                    e,
+                    AuthError::InvalidCredentials(_) | AuthError::LoopbackOnly(_)
+                );
+                if !refused || !caps.authentication_failure_close {
                     return Err(silent(e.to_string()));
                 }
                 let text = format!(
@@ -428,6 +435,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::ClientClosed) => {
                     let _ = self.flush().await;
+                    self.wait_for_client_to_close().await;
                     return Some(End::Closed);
                 }
                 Err(err) => {
@@ -458,10 +466,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 "heartbeat frame on non-zero channel {channel_id}"
             )));
         }
+        // Like RabbitMQ, channel_max bounds how many channels are open, not their numbers.
         let channel_max = self.session.as_ref().map_or(0, |s| s.channel_max);
-        if channel_id > channel_max {
+        if !self.channels.contains_key(&channel_id)
+            && self.channels.len() >= usize::from(channel_max)
+        {
             return Err(AmqpError::not_allowed(format!(
-                "channel id {channel_id} out of range, max is {channel_max}"
+                "number of channels opened ({}) has reached the negotiated channel_max ({channel_max})",
+                self.channels.len()
             )));
         }
         match self.channels.get_mut(&channel_id) {
@@ -561,12 +573,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 );
                 Ok(Flow::Continue)
             }
-            other => Err(AmqpError::command_invalid(format!(
-                "unexpected method on channel 0: {}.{}",
-                other.class_id(),
-                other.method_id()
-            ))
-            .on(other.class_id(), other.method_id())),
+            other => Err(
+                AmqpError::channel_error("unexpected method in connection state running")
+                    .on(other.class_id(), other.method_id()),
+            ),
         }
     }
 
@@ -781,6 +791,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, wait).await;
         End::Closed
+    }
+
+    /// After close-ok the client closes the socket, as RabbitMQ expects: closing it first
+    /// makes some clients (lapin) report an error instead of a clean close.
+    async fn wait_for_client_to_close(&mut self) {
+        let mut sink = [0u8; 1024];
+        let wait = async {
+            loop {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::timeout(CLIENT_CLOSE_WAIT, wait) => {}
+            _ = shutdown.changed() => {}
+        }
     }
 
     // ---------------------------------------------------------------- I/O helpers

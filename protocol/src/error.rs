@@ -102,8 +102,24 @@ pub enum ProtocolError {
         class_id: u16,
         method_id: u16,
     },
+    /// Method arguments that cannot be decoded (truncated, trailing bytes, garbage field
+    /// table). RabbitMQ 3.10 answers these with 501 "FRAME_ERROR - cannot decode", naming the
+    /// method, not with 502 (measured; see tests/tests/raw_frames.rs).
+    #[error("FRAME_ERROR - cannot decode arguments of {}: {detail}", method_label(*.class_id, *.method_id))]
+    CannotDecode {
+        detail: &'static str,
+        class_id: u16,
+        method_id: u16,
+    },
     #[error("COMMAND_INVALID - unknown method {class_id}.{method_id}")]
     UnknownMethod { class_id: u16, method_id: u16 },
+}
+
+fn method_label(class_id: u16, method_id: u16) -> String {
+    match method_name(class_id, method_id) {
+        Some(name) => name.to_string(),
+        None => format!("{class_id}.{method_id}"),
+    }
 }
 
 fn method_suffix(class_id: u16, method_id: u16) -> String {
@@ -166,7 +182,8 @@ impl ProtocolError {
             | ProtocolError::UnknownFrameType { .. }
             | ProtocolError::BadHeartbeat { .. }
             | ProtocolError::BodyOverflow { .. }
-            | ProtocolError::BodyTooLarge { .. } => reply_code::FRAME_ERROR,
+            | ProtocolError::BodyTooLarge { .. }
+            | ProtocolError::CannotDecode { .. } => reply_code::FRAME_ERROR,
             ProtocolError::UnexpectedFrame { .. } => reply_code::UNEXPECTED_FRAME,
             ProtocolError::Syntax { .. } => reply_code::SYNTAX_ERROR,
             ProtocolError::UnknownMethod { .. } => reply_code::COMMAND_INVALID,
@@ -210,6 +227,11 @@ impl ProtocolError {
                 ..
             }
             | ProtocolError::Syntax {
+                class_id,
+                method_id,
+                ..
+            }
+            | ProtocolError::CannotDecode {
                 class_id,
                 method_id,
                 ..

@@ -30,9 +30,18 @@ pub enum ProtocolHeader {
 
 /// Needs 8 bytes; returns Rejected as soon as the bytes seen so far cannot be our header
 /// (e.g. "GET " or a TLS hello), Incomplete if fewer than 8 bytes and still a prefix of it.
+/// `AMQP\x01\x01\x00\x09`, the pre-standard AMQP 0-9 header.
+const LEGACY_0_9_HEADER: [u8; 8] = *b"AMQP\x01\x01\x00\x09";
+
 pub fn check_protocol_header(buf: &[u8]) -> ProtocolHeader {
     let seen = buf.len().min(PROTOCOL_HEADER.len());
-    if buf.get(..seen) != PROTOCOL_HEADER.get(..seen) {
+    // RabbitMQ also serves the legacy AMQP 0-9 header with 0-9-1 framing.
+    if buf.get(..8) == Some(&LEGACY_0_9_HEADER[..]) {
+        return ProtocolHeader::Accepted;
+    }
+    if buf.get(..seen) != PROTOCOL_HEADER.get(..seen)
+        && buf.get(..seen) != LEGACY_0_9_HEADER.get(..seen)
+    {
         ProtocolHeader::Rejected
     } else if seen < PROTOCOL_HEADER.len() {
         ProtocolHeader::Incomplete
@@ -179,11 +188,20 @@ mod tests {
             check_protocol_header(b"AMQP\x00\x00\x09\x00"),
             ProtocolHeader::Rejected
         );
+        // RabbitMQ serves the legacy 0-9 header as 0-9-1.
         assert_eq!(
             check_protocol_header(b"AMQP\x01\x01\x00\x09"),
-            ProtocolHeader::Rejected
+            ProtocolHeader::Accepted
         );
-        assert_eq!(check_protocol_header(b"AMQP\x01"), ProtocolHeader::Rejected);
+        assert_eq!(
+            check_protocol_header(b"AMQP\x01\x01\x00"),
+            ProtocolHeader::Incomplete
+        );
+        assert_eq!(
+            check_protocol_header(b"AMQP\x01"),
+            ProtocolHeader::Incomplete
+        );
+        assert_eq!(check_protocol_header(b"AMQP\x02"), ProtocolHeader::Rejected);
         assert_eq!(
             check_protocol_header(b"GET / HTTP/1.1\r\n"),
             ProtocolHeader::Rejected

@@ -214,15 +214,18 @@ pub fn method_name(class_id: u16, method_id: u16) -> Option<&'static str> {
 
 /// Decodes a method frame payload. Unknown class/method -> ProtocolError::UnknownMethod
 /// (503 COMMAND_INVALID in RabbitMQ); truncated/malformed arguments, trailing bytes, garbage
-/// field tables (or tables nested deeper than MAX_TABLE_DEPTH) -> ProtocolError::Syntax (502).
+/// field tables (or tables nested deeper than MAX_TABLE_DEPTH) -> ProtocolError::CannotDecode
+/// (501, as RabbitMQ 3.10 answers).
 pub fn decode_method(payload: Bytes) -> Result<Method, ProtocolError> {
     let mut r = Reader::new(&payload);
     let (Ok(class_id), Ok(method_id)) = (r.u16(), r.u16()) else {
-        return Err(ProtocolError::syntax(
-            "method frame shorter than its class and method ids",
-        ));
+        return Err(ProtocolError::CannotDecode {
+            detail: "method frame shorter than its class and method ids",
+            class_id: 0,
+            method_id: 0,
+        });
     };
-    let syntax = |detail: &'static str| ProtocolError::Syntax {
+    let syntax = |detail: &'static str| ProtocolError::CannotDecode {
         detail,
         class_id,
         method_id,
@@ -313,11 +316,11 @@ mod tests {
     }
 
     #[test]
-    fn truncated_publish_is_a_syntax_error() {
+    fn truncated_publish_cannot_be_decoded() {
         let full = publish_payload(b"exchange", b"key", 1);
         for len in 0..full.len() {
             let err = decode_method(Bytes::copy_from_slice(&full[..len])).unwrap_err();
-            assert_eq!(err.reply_code(), 502, "len {len}: {err:?}");
+            assert_eq!(err.reply_code(), 501, "len {len}: {err:?}");
             if len >= 4 {
                 assert_eq!(err.class_method(), (60, 40));
             }
@@ -325,7 +328,7 @@ mod tests {
         let mut long = full.clone();
         long.push(0);
         let err = decode_method(Bytes::from(long)).unwrap_err();
-        assert_eq!(err.reply_code(), 502);
+        assert_eq!(err.reply_code(), 501);
     }
 
     #[test]
@@ -378,22 +381,26 @@ mod tests {
     }
 
     #[test]
-    fn garbage_field_table_is_a_syntax_error() {
+    fn garbage_field_table_cannot_be_decoded() {
         let mut payload = queue_declare(FieldTable::default());
         // Replace the empty arguments table with one holding an unknown type tag.
         payload.truncate(payload.len() - 4);
         payload.extend_from_slice(&[0, 0, 0, 3, 1, b'k', b'Z']);
         let err = decode_method(Bytes::from(payload)).unwrap_err();
-        assert_eq!(err.reply_code(), 502);
+        assert_eq!(err.reply_code(), 501);
         assert_eq!(err.class_method(), (50, 10));
-        assert!(err.reply_text().starts_with("SYNTAX_ERROR - "), "{err}");
+        assert!(
+            err.reply_text()
+                .starts_with("FRAME_ERROR - cannot decode arguments of queue.declare"),
+            "{err}"
+        );
 
         // A table length running past the frame.
         let mut payload = queue_declare(FieldTable::default());
         payload.truncate(payload.len() - 4);
         payload.extend_from_slice(&[0, 0, 1, 0, 1, b'k', b'V']);
         let err = decode_method(Bytes::from(payload)).unwrap_err();
-        assert_eq!(err.reply_code(), 502);
+        assert_eq!(err.reply_code(), 501);
     }
 
     #[test]
@@ -411,7 +418,7 @@ mod tests {
         payload.truncate(payload.len() - 4);
         payload.extend_from_slice(&encoded);
         let err = decode_method(Bytes::from(payload)).unwrap_err();
-        assert_eq!(err.reply_code(), 502);
+        assert_eq!(err.reply_code(), 501);
         assert!(err.reply_text().contains("nested too deeply"), "{err}");
     }
 
@@ -424,15 +431,15 @@ mod tests {
         assert!(decode_method(Bytes::from(payload.clone())).is_ok());
         payload.push(0);
         let err = decode_method(Bytes::from(payload)).unwrap_err();
-        assert_eq!(err.reply_code(), 502);
+        assert_eq!(err.reply_code(), 501);
         assert_eq!(err.class_method(), (20, 10));
     }
 
     #[test]
-    fn short_method_frames_are_syntax_errors() {
+    fn short_method_frames_cannot_be_decoded() {
         for p in [&[][..], &[0], &[0, 60, 0]] {
             let err = decode_method(Bytes::copy_from_slice(p)).unwrap_err();
-            assert_eq!(err.reply_code(), 502);
+            assert_eq!(err.reply_code(), 501);
             assert_eq!(err.class_method(), (0, 0));
         }
     }

@@ -448,7 +448,7 @@ proptest! {
         method.extend_from_slice(&payload);
         if let Err(e) = decode_method(Bytes::from(method)) {
             prop_assert!(e.reply_text().len() <= 255);
-            prop_assert!([502, 503].contains(&e.reply_code()));
+            prop_assert!([501, 503].contains(&e.reply_code()));
         }
         let _ = ContentHeader::decode(Bytes::from(payload));
     }
