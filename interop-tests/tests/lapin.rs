@@ -42,7 +42,11 @@ async fn connect_open_100_channels_close_cleanly() {
     conn.close(200, "bye".into())
         .await
         .expect("connection.close should complete with close-ok");
-    assert!(conn.status().closed(), "lapin connection status after close: {:?}", conn.status());
+    assert!(
+        conn.status().closed(),
+        "lapin connection status after close: {:?}",
+        conn.status()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
