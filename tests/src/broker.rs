@@ -61,7 +61,11 @@ impl Broker {
     /// Start warren with `--listen 127.0.0.1:PORT --data-dir <own temp dir>` plus `extra`
     /// flags, and wait until the port accepts TCP connections.
     pub fn start_with(extra: &[&str]) -> Result<Broker> {
-        let bin = warren_bin();
+        Broker::start_bin_with(&warren_bin(), extra)
+    }
+
+    /// Like [`Broker::start_with`] with an explicit binary instead of [`warren_bin`].
+    pub fn start_bin_with(bin: &Path, extra: &[&str]) -> Result<Broker> {
         if !bin.is_file() {
             bail!(
                 "warren binary not found at {}: run `cargo build --bin warren` first \
@@ -71,7 +75,7 @@ impl Broker {
         }
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
-            match Broker::try_start(&bin, extra)? {
+            match Broker::try_start(bin, extra)? {
                 Ok(broker) => return Ok(broker),
                 Err(addr_in_use_logs) => last_err = Some(addr_in_use_logs),
             }
