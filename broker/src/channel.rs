@@ -143,6 +143,28 @@ impl Channel {
                 }
                 self.publish(ctx, publish, content)
             }
+            Method::Qos(q) => {
+                if q.prefetch_size != 0 {
+                    return Err(AmqpError::not_implemented(format!(
+                        "prefetch_size!=0 ({})",
+                        q.prefetch_size
+                    )));
+                }
+                if q.global {
+                    self.limiter
+                        .global_prefetch
+                        .store(u32::from(q.prefetch_count), Ordering::Relaxed);
+                    // A larger window may unblock queues waiting on this channel.
+                    self.wake_queues();
+                } else {
+                    self.consumer_prefetch = q.prefetch_count;
+                }
+                self.send(
+                    ctx,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+                Ok(())
+            }
             Method::Other(AMQPClass::Basic(m)) => self.handle_basic(ctx, m),
             Method::Other(AMQPClass::Queue(m)) => self.handle_queue(ctx, m),
             Method::Other(AMQPClass::Exchange(m)) => self.handle_exchange(ctx, m),
@@ -400,22 +422,6 @@ impl Channel {
         m: basic::AMQPMethod,
     ) -> Result<(), AmqpError> {
         match m {
-            basic::AMQPMethod::Qos(q) => {
-                if q.global {
-                    self.limiter
-                        .global_prefetch
-                        .store(u32::from(q.prefetch_count), Ordering::Relaxed);
-                    // A larger window may unblock queues waiting on this channel.
-                    self.wake_queues();
-                } else {
-                    self.consumer_prefetch = q.prefetch_count;
-                }
-                self.send(
-                    ctx,
-                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
-                );
-                Ok(())
-            }
             basic::AMQPMethod::Consume(c) => self.consume(ctx, c),
             basic::AMQPMethod::Cancel(c) => {
                 let tag: Arc<str> = Arc::from(c.consumer_tag.as_str());

@@ -27,7 +27,7 @@ pub use frame::{
     FRAME_END, FRAME_HEADER, FRAME_HEADER_SIZE, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE,
     FRAME_OVERHEAD, PROTOCOL_HEADER,
 };
-pub use method::{decode_method, method_name, BasicPublish, Method};
+pub use method::{decode_method, method_name, BasicPublish, BasicQos, Method};
 pub use wire::MAX_TABLE_DEPTH;
 
 /// amq-protocol, re-exported so callers name the same version of its types.

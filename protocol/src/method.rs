@@ -10,6 +10,9 @@ use crate::wire::{sub, Reader, WireError, MAX_TABLE_DEPTH};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Method {
     Publish(BasicPublish),
+    /// basic.qos, decoded by hand because amq-protocol drops prefetch-size, which RabbitMQ
+    /// refuses (540) when non-zero.
+    Qos(BasicQos),
     Other(AMQPClass),
 }
 
@@ -17,6 +20,7 @@ impl Method {
     pub fn class_id(&self) -> u16 {
         match self {
             Method::Publish(_) => BasicPublish::CLASS_ID,
+            Method::Qos(_) => BasicQos::CLASS_ID,
             Method::Other(class) => class.get_amqp_class_id(),
         }
     }
@@ -24,6 +28,7 @@ impl Method {
     pub fn method_id(&self) -> u16 {
         match self {
             Method::Publish(_) => BasicPublish::METHOD_ID,
+            Method::Qos(_) => BasicQos::METHOD_ID,
             Method::Other(class) => class.get_amqp_method_id(),
         }
     }
@@ -40,7 +45,7 @@ impl Method {
                     | basic::AMQPMethod::Deliver(_)
                     | basic::AMQPMethod::GetOk(_)
             ),
-            Method::Other(_) => false,
+            Method::Other(_) | Method::Qos(_) => false,
         }
     }
 
@@ -48,6 +53,19 @@ impl Method {
     pub fn name(&self) -> &'static str {
         method_name(self.class_id(), self.method_id()).unwrap_or("unknown")
     }
+}
+
+/// basic.qos with every field, prefetch-size included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BasicQos {
+    pub prefetch_size: u32,
+    pub prefetch_count: u16,
+    pub global: bool,
+}
+
+impl BasicQos {
+    pub const CLASS_ID: u16 = 60;
+    pub const METHOD_ID: u16 = 10;
 }
 
 /// basic.publish with its short strings as zero-copy slices of the frame payload. They are
@@ -233,6 +251,9 @@ pub fn decode_method(payload: Bytes) -> Result<Method, ProtocolError> {
     if (class_id, method_id) == (BasicPublish::CLASS_ID, BasicPublish::METHOD_ID) {
         return decode_publish(&payload).map_err(|e| syntax(e.detail()));
     }
+    if (class_id, method_id) == (BasicQos::CLASS_ID, BasicQos::METHOD_ID) {
+        return decode_qos(r).map_err(|e| syntax(e.detail()));
+    }
     let Some((_, args)) = lookup(class_id, method_id) else {
         return Err(ProtocolError::UnknownMethod {
             class_id,
@@ -245,6 +266,20 @@ pub fn decode_method(payload: Bytes) -> Result<Method, ProtocolError> {
         Ok(_) => Err(syntax(WireError::Trailing.detail())),
         Err(_) => Err(syntax("malformed method arguments")),
     }
+}
+
+fn decode_qos(mut r: Reader<'_>) -> Result<Method, WireError> {
+    let prefetch_size = r.u32()?;
+    let prefetch_count = r.u16()?;
+    let bits = r.u8()?;
+    if !r.is_empty() {
+        return Err(WireError::Trailing);
+    }
+    Ok(Method::Qos(BasicQos {
+        prefetch_size,
+        prefetch_count,
+        global: bits & 1 != 0,
+    }))
 }
 
 fn decode_publish(payload: &Bytes) -> Result<Method, WireError> {
@@ -329,6 +364,27 @@ mod tests {
         long.push(0);
         let err = decode_method(Bytes::from(long)).unwrap_err();
         assert_eq!(err.reply_code(), 501);
+    }
+
+    #[test]
+    fn qos_keeps_prefetch_size() {
+        let mut v = vec![0, 60, 0, 10];
+        v.extend_from_slice(&7u32.to_be_bytes());
+        v.extend_from_slice(&100u16.to_be_bytes());
+        v.push(1);
+        let m = decode_method(Bytes::from(v.clone())).unwrap();
+        assert_eq!(
+            m,
+            Method::Qos(BasicQos {
+                prefetch_size: 7,
+                prefetch_count: 100,
+                global: true
+            })
+        );
+        assert_eq!((m.class_id(), m.method_id()), (60, 10));
+        assert_eq!(m.name(), "basic.qos");
+        v.pop();
+        assert_eq!(decode_method(Bytes::from(v)).unwrap_err().reply_code(), 501);
     }
 
     #[test]
