@@ -720,20 +720,15 @@ impl Channel {
         how: Settle,
     ) -> Result<(), AmqpError> {
         let _ = vhost;
-        let tags: Vec<u64> = if multiple {
-            if tag == 0 {
-                self.unacked.keys().copied().collect()
-            } else {
-                let tags: Vec<u64> = self.unacked.range(..=tag).map(|(t, _)| *t).collect();
-                if tags.is_empty() {
-                    return Err(unknown_tag(tag));
-                }
-                tags
-            }
+        // As rabbit_channel:collect_acks: tag 0 with multiple means everything; otherwise the
+        // tag itself must be outstanding, and multiple adds every older one.
+        let tags: Vec<u64> = if multiple && tag == 0 {
+            self.unacked.keys().copied().collect()
+        } else if !self.unacked.contains_key(&tag) {
+            return Err(unknown_tag(tag));
+        } else if multiple {
+            self.unacked.range(..=tag).map(|(t, _)| *t).collect()
         } else {
-            if !self.unacked.contains_key(&tag) {
-                return Err(unknown_tag(tag));
-            }
             vec![tag]
         };
         let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::new();
