@@ -28,7 +28,6 @@ use crate::queue::core::MsgSeq;
 use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Queue};
 use crate::vhost::{QueueDeclare, VHost};
 
-const CLASS_BASIC: u16 = 60;
 
 /// What a channel needs from its connection while handling one command.
 pub struct ConnCtx<'a> {
@@ -920,7 +919,7 @@ enum Settle {
 }
 
 fn unknown_tag(tag: u64) -> AmqpError {
-    AmqpError::precondition_failed(format!("unknown delivery tag {tag}")).on(CLASS_BASIC, 80)
+    AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
 }
 
 fn check_exclusive(queue: &Queue, conn_id: u64) -> Result<(), AmqpError> {
