@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::auth::Users;
 use crate::config::Config;
+use crate::memory::{total_memory, MemoryMonitor};
 use crate::vhost::VHost;
 
 /// State shared by every connection task.
@@ -18,6 +19,8 @@ pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     /// Source of globally unique ids (channel keys, consumer tags, queue names).
     next_id: AtomicU64,
+    /// Memory held by messages; its alarm blocks publishers.
+    pub memory: Arc<MemoryMonitor>,
     /// Connections that completed connection.open-ok and are still open.
     open_connections: AtomicUsize,
 }
@@ -32,7 +35,11 @@ impl Broker {
             config.default_vhost.clone(),
             Arc::new(VHost::new(&config.default_vhost)),
         );
+        // Without /proc/meminfo, assume a small machine rather than disabling the alarm.
+        let total = total_memory().unwrap_or(1 << 30);
+        let memory = MemoryMonitor::new(config.memory_high_watermark.bytes(total));
         Arc::new(Broker {
+            memory,
             config,
             users,
             vhosts: RwLock::new(vhosts),

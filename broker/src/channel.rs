@@ -22,12 +22,12 @@ use crate::confirms::{ConfirmFrame, ConfirmTracker};
 use crate::connection::{short_string, ClientCapabilities};
 use crate::error::{code, resource, AmqpError};
 use crate::exchange::{Destination, RouteSet};
+use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
 use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Queue};
 use crate::vhost::{QueueDeclare, VHost};
-
 
 /// What a channel needs from its connection while handling one command.
 pub struct ConnCtx<'a> {
@@ -41,6 +41,7 @@ pub struct ConnCtx<'a> {
     /// Exclusive queues declared by this connection, deleted when it closes.
     pub exclusive_queues: &'a mut Vec<Arc<str>>,
     pub next_id: &'a dyn Fn() -> u64,
+    pub memory: &'a Arc<MemoryMonitor>,
 }
 
 /// A delivery the client has not settled yet.
@@ -654,11 +655,20 @@ impl Channel {
             &mut routes,
         );
         let result = routed.map(|()| {
+            // Queued messages get their own allocations: frame slices would pin whole read
+            // buffers for as long as the message waits.
+            let charge = ctx.memory.charge(Message::footprint(
+                &p.exchange,
+                &routing_key,
+                &header,
+                &content.body,
+            ));
             let msg = Arc::new(Message {
-                exchange: p.exchange.clone(),
-                routing_key: routing_key.clone(),
-                header,
-                body: content.body,
+                exchange: Bytes::copy_from_slice(&p.exchange),
+                routing_key: Bytes::copy_from_slice(&routing_key),
+                header: header.detached(),
+                body: Bytes::copy_from_slice(&content.body),
+                charge,
             });
             let mut delivered = 0usize;
             for name in routes.iter() {

@@ -67,6 +67,25 @@ pub struct Config {
     /// Users allowed to log in only from a loopback address (RabbitMQ's `loopback_users`).
     pub loopback_users: Vec<String>,
     pub log: String,
+    /// When messages held in memory reach this, publishing connections are blocked.
+    pub memory_high_watermark: Watermark,
+}
+
+/// RabbitMQ's `vm_memory_high_watermark`: a fraction of RAM or an absolute byte count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Watermark {
+    Relative(f64),
+    Absolute(u64),
+}
+
+impl Watermark {
+    /// The limit in bytes for a machine with `total` bytes of RAM.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            Watermark::Relative(f) => (total as f64 * f) as u64,
+            Watermark::Absolute(b) => b,
+        }
+    }
 }
 
 impl Default for Config {
@@ -87,6 +106,7 @@ impl Default for Config {
             default_vhost: "/".into(),
             loopback_users: vec!["guest".into()],
             log: "info".into(),
+            memory_high_watermark: Watermark::Relative(0.4),
         }
     }
 }
@@ -130,6 +150,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ),
     ("loopback_users", &["WARREN_LOOPBACK_USERS"]),
     ("log", &["WARREN_LOG", "RUST_LOG"]),
+    ("memory_high_watermark", &["WARREN_MEMORY_HIGH_WATERMARK"]),
 ];
 
 impl Config {
@@ -253,6 +274,23 @@ impl Config {
                     _ => self.log = s,
                 }
             }
+            "memory_high_watermark" => {
+                let reason = "expected a fraction of RAM (0 < f <= 1, e.g. 0.4) or a byte count (e.g. 1073741824)";
+                let number = match &value {
+                    RawValue::Str(s) => s.trim().parse::<f64>().ok(),
+                    RawValue::Toml(toml::Value::Float(f)) => Some(*f),
+                    RawValue::Toml(toml::Value::Integer(i)) => Some(*i as f64),
+                    RawValue::Toml(_) => None,
+                }
+                .ok_or_else(|| invalid(reason))?;
+                self.memory_high_watermark = if number > 0.0 && number <= 1.0 {
+                    Watermark::Relative(number)
+                } else if number > 1.0 && number.fract() == 0.0 && number < u64::MAX as f64 {
+                    Watermark::Absolute(number as u64)
+                } else {
+                    return Err(invalid(reason));
+                };
+            }
             "loopback_users" => {
                 self.loopback_users =
                     string_list(&value).ok_or_else(|| invalid("expected a list of user names"))?;
@@ -358,6 +396,33 @@ mod tests {
         assert!(err.contains("'frame_max'"), "{err}");
         assert!(err.contains("WARREN_FRAME_MAX"), "{err}");
         assert!(err.contains("between 4096"), "{err}");
+    }
+
+    #[test]
+    fn memory_watermark_relative_or_absolute() {
+        let c = Config::load(
+            None,
+            &BTreeMap::new(),
+            &[("memory_high_watermark", "0.5".into())],
+        )
+        .unwrap();
+        assert_eq!(c.memory_high_watermark, Watermark::Relative(0.5));
+        assert_eq!(c.memory_high_watermark.bytes(1000), 500);
+        let c = Config::load(
+            None,
+            &BTreeMap::new(),
+            &[("memory_high_watermark", "104857600".into())],
+        )
+        .unwrap();
+        assert_eq!(c.memory_high_watermark, Watermark::Absolute(104_857_600));
+        let err = Config::load(
+            None,
+            &BTreeMap::new(),
+            &[("memory_high_watermark", "-1".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("memory_high_watermark"), "{err}");
     }
 
     #[test]

@@ -119,6 +119,8 @@ pub async fn serve<S>(
             events_tx,
             events_rx,
             exclusive_queues: Vec::new(),
+            publisher: false,
+            blocked_sent: false,
         };
         let end = conn.run().await;
         conn.release_all();
@@ -157,6 +159,10 @@ struct Connection<S> {
     events_tx: mpsc::UnboundedSender<ConnEvent>,
     events_rx: mpsc::UnboundedReceiver<ConnEvent>,
     exclusive_queues: Vec<Arc<str>>,
+    /// Set by the first basic.publish: only publishers are held back by the memory alarm.
+    publisher: bool,
+    /// connection.blocked was sent and connection.unblocked is owed.
+    blocked_sent: bool,
 }
 
 /// Outcome of a handshake step that did not succeed.
@@ -365,7 +371,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let tick = heartbeat / 2;
         let mut next_tick = Instant::now() + tick;
         self.last_recv = Instant::now();
+        let memory = self.broker.memory.clone();
         loop {
+            // The memory alarm holds back publishing connections by not reading from them.
+            let paused = self.publisher && memory.is_alarmed();
+            self.notify_blocked(paused);
+            if let Err(e) = self.flush().await {
+                return End::Io(e);
+            }
             tokio::select! {
                 biased;
                 changed = self.shutdown.changed() => {
@@ -377,7 +390,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         return self.close_with(err).await;
                     }
                 }
-                read = self.stream.read_buf(&mut self.rbuf) => {
+                _ = memory.wait_clear(), if paused => {}
+                read = self.stream.read_buf(&mut self.rbuf), if !paused => {
                     match read {
                         Ok(0) => return End::Closed,
                         Ok(_) => {
@@ -402,6 +416,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = sleep_until(next_tick), if !heartbeat.is_zero() => {
                     let now = Instant::now();
                     next_tick = now + tick;
+                    if paused {
+                        // Unread heartbeats are not missed heartbeats (RabbitMQ pauses its
+                        // monitor while a connection is blocked).
+                        self.last_recv = now;
+                    }
                     if now.duration_since(self.last_recv) >= heartbeat * 2 {
                         return End::HeartbeatTimeout;
                     }
@@ -617,6 +636,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             };
         }
+        if let Method::Publish(_) = &command.method {
+            self.publisher = true;
+        }
         if let Method::Other(AMQPClass::Connection(_)) = &command.method {
             return Err(AmqpError::command_invalid(
                 "connection class method on a non-zero channel",
@@ -642,8 +664,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
             next_id: &next_id,
+            memory: &broker.memory,
         };
         ch.handle(&mut ctx, command)
+    }
+
+    /// Tells clients that asked for it (capability `connection.blocked`) when the memory alarm
+    /// starts and stops holding them back.
+    fn notify_blocked(&mut self, paused: bool) {
+        let capable = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.caps.connection_blocked);
+        if !capable || paused == self.blocked_sent {
+            return;
+        }
+        self.blocked_sent = paused;
+        let method = if paused {
+            warn!("memory alarm: blocking publishing connection");
+            connection::AMQPMethod::Blocked(connection::Blocked {
+                reason: short_string("low on memory"),
+            })
+        } else {
+            connection::AMQPMethod::Unblocked(connection::Unblocked {})
+        };
+        self.send_method(0, AMQPClass::Connection(method));
     }
 
     /// Publisher confirms are written once per read batch so `multiple` can cover many.
@@ -687,6 +732,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
             next_id: &next_id,
+            memory: &broker.memory,
         };
         match event {
             ConnEvent::Deliver(d) => ch.deliver(&mut ctx, d),
@@ -957,6 +1003,7 @@ pub const SERVER_CAPABILITIES: &[&str] = &[
     "consumer_priorities",
     "authentication_failure_close",
     "per_consumer_qos",
+    "connection.blocked",
 ];
 
 fn start_method() -> connection::Start {

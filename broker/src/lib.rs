@@ -8,6 +8,7 @@ pub mod confirms;
 pub mod connection;
 pub mod error;
 pub mod exchange;
+pub mod memory;
 pub mod message;
 pub mod queue;
 pub mod server;

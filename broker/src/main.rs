@@ -53,6 +53,9 @@ struct Cli {
     /// Users allowed to connect from loopback only, comma separated (empty: no restriction).
     #[arg(long)]
     loopback_users: Option<String>,
+    /// Memory for messages before publishers are blocked: a fraction of RAM or bytes.
+    #[arg(long)]
+    memory_high_watermark: Option<String>,
     /// Log filter, e.g. `info` or `warren_broker=debug`.
     #[arg(long)]
     log: Option<String>,
@@ -128,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ("default_vhost", &cli.default_vhost),
         ("loopback_users", &cli.loopback_users),
         ("log", &cli.log),
+        ("memory_high_watermark", &cli.memory_high_watermark),
     ];
     for (key, value) in optional {
         if let Some(v) = value {

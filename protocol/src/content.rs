@@ -184,6 +184,17 @@ impl ContentHeader {
         }
     }
 
+    /// The same header in its own allocation. Headers decoded from a frame share the read
+    /// buffer; a message that stays queued must not pin that whole buffer.
+    pub fn detached(&self) -> ContentHeader {
+        let raw = Bytes::copy_from_slice(&self.raw_properties);
+        walk_properties(&raw, usize::MAX)
+            .ok()
+            .and_then(|w| Self::assemble(self.class_id, self.body_size, raw, w))
+            // The bytes were walked once already, so this cannot fail; stay correct anyway.
+            .unwrap_or_else(|| self.clone())
+    }
+
     /// Full decode of the properties, only when needed.
     pub fn properties(&self) -> Result<BasicProperties, ProtocolError> {
         match parse_properties(&self.raw_properties[..]) {
@@ -232,6 +243,19 @@ fn content_detail(e: WireError) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detached_copy_is_equal_and_independent() {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_expiration("60000".into())
+            .with_user_id("guest".into());
+        let header = ContentHeader::from_properties(60, 5, &props);
+        let copy = header.detached();
+        assert_eq!(copy, header);
+        assert_ne!(copy.raw_properties.as_ptr(), header.raw_properties.as_ptr());
+        assert_eq!(copy.expiration.as_deref(), Some(&b"60000"[..]));
+    }
     use amq_protocol::types::AMQPValue;
 
     fn header_payload(class_id: u16, body_size: u64, raw: &[u8]) -> Bytes {
