@@ -1087,6 +1087,151 @@ mod tests {
         );
     }
 
+    /// A client over an in-memory pipe, for tests with paused time.
+    struct PipeClient {
+        io: tokio::io::DuplexStream,
+        buf: BytesMut,
+        splitter: FrameSplitter,
+    }
+
+    impl PipeClient {
+        async fn send(&mut self, method: AMQPClass) {
+            let mut out = BytesMut::new();
+            encode_method(&mut out, 0, &method);
+            self.io.write_all(&out).await.unwrap();
+        }
+
+        async fn frame(&mut self) -> Option<RawFrame> {
+            loop {
+                if let Some(f) = self.splitter.decode(&mut self.buf).unwrap() {
+                    return Some(f);
+                }
+                if self.io.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
+                    return None;
+                }
+            }
+        }
+
+        async fn method(&mut self) -> connection::AMQPMethod {
+            loop {
+                let f = self.frame().await.expect("frame");
+                if f.kind != FrameKind::Method {
+                    continue;
+                }
+                if let Ok(Method::Other(AMQPClass::Connection(m))) = decode_method(f.payload) {
+                    return m;
+                }
+            }
+        }
+
+        /// Handshake with the given heartbeat; returns once open-ok arrived.
+        async fn open(
+            broker: Arc<Broker>,
+            heartbeat: u16,
+        ) -> (PipeClient, tokio::task::JoinHandle<()>, watch::Sender<bool>) {
+            let (client, server) = tokio::io::duplex(1 << 20);
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+            let task = tokio::spawn(serve(server, peer, broker, stop_rx));
+            let mut c = PipeClient {
+                io: client,
+                buf: BytesMut::new(),
+                splitter: FrameSplitter::new(0),
+            };
+            c.io.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+            assert!(matches!(c.method().await, connection::AMQPMethod::Start(_)));
+            c.send(AMQPClass::Connection(connection::AMQPMethod::StartOk(
+                connection::StartOk {
+                    client_properties: FieldTable::default(),
+                    mechanism: "PLAIN".into(),
+                    response: LongString::from(&b"\0guest\0guest"[..]),
+                    locale: "en_US".into(),
+                },
+            )))
+            .await;
+            assert!(matches!(c.method().await, connection::AMQPMethod::Tune(_)));
+            c.send(AMQPClass::Connection(connection::AMQPMethod::TuneOk(
+                connection::TuneOk {
+                    channel_max: 10,
+                    frame_max: 131_072,
+                    heartbeat,
+                },
+            )))
+            .await;
+            c.send(AMQPClass::Connection(connection::AMQPMethod::Open(
+                connection::Open {
+                    virtual_host: "/".into(),
+                },
+            )))
+            .await;
+            assert!(matches!(
+                c.method().await,
+                connection::AMQPMethod::OpenOk(_)
+            ));
+            (c, task, stop_tx)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_is_dropped_after_two_heartbeat_intervals() {
+        let broker = Broker::new(crate::config::Config::default());
+        let (mut c, task, _stop) = PipeClient::open(broker, 10).await;
+        let opened = Instant::now();
+        // The server keeps sending heartbeats; the client never answers.
+        let mut heartbeats = 0;
+        while let Some(f) = c.frame().await {
+            if f.kind == FrameKind::Heartbeat {
+                heartbeats += 1;
+            }
+        }
+        let lived = opened.elapsed();
+        assert!(
+            lived >= Duration::from_secs(20),
+            "closed too early: {lived:?}"
+        );
+        assert!(
+            lived <= Duration::from_secs(26),
+            "closed too late: {lived:?}"
+        );
+        assert!(heartbeats >= 3, "server sent {heartbeats} heartbeats");
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeating_client_stays_connected() {
+        let broker = Broker::new(crate::config::Config::default());
+        let (mut c, task, _stop) = PipeClient::open(broker, 10).await;
+        let mut beat = BytesMut::new();
+        encode_heartbeat(&mut beat);
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            c.io.write_all(&beat).await.unwrap();
+        }
+        // A minute later it is still served.
+        assert!(!task.is_finished());
+        c.send(AMQPClass::Connection(connection::AMQPMethod::Close(
+            connection::Close {
+                reply_code: 200,
+                reply_text: "bye".into(),
+                class_id: 0,
+                method_id: 0,
+            },
+        )))
+        .await;
+        assert!(matches!(
+            c.method().await,
+            connection::AMQPMethod::CloseOk(_)
+        ));
+        drop(c);
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     #[test]
     fn short_string_never_panics() {
         assert_eq!(short_string("abc").as_str(), "abc");
