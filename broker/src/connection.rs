@@ -181,7 +181,12 @@ impl From<std::io::Error> for HandshakeFail {
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn run(&mut self) -> End {
         let deadline = Instant::now() + self.broker.config.handshake_timeout;
-        let handshake = tokio::time::timeout_at(deadline, self.handshake()).await;
+        let mut shutdown = self.shutdown.clone();
+        let handshake = tokio::select! {
+            result = tokio::time::timeout_at(deadline, self.handshake()) => result,
+            // A connection still shaking hands has nothing to close gracefully.
+            _ = shutdown.wait_for(|stop| *stop) => return End::Silent("broker shutting down".into()),
+        };
         match handshake {
             Err(_) => return End::HandshakeTimeout,
             Ok(Err(HandshakeFail::End(end))) => return end,
