@@ -668,6 +668,9 @@ impl QueueStore {
         if seg.acks.is_some() {
             self.remove(&ack_name(id))?;
         }
+        // The last ack of a deleted segment is not written anywhere: the removal itself must
+        // be durable by the next sync, or a crash would bring that message back.
+        self.dir_dirty = true;
         Ok(())
     }
 
