@@ -26,8 +26,8 @@ use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
-use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Queue};
-use crate::vhost::{QueueDeclare, VHost};
+use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, Queue};
+use crate::vhost::{check_exclusive, QueueDeclare, VHost};
 
 /// What a channel needs from its connection while handling one command.
 pub struct ConnCtx<'a> {
@@ -157,7 +157,11 @@ impl Channel {
                     // A larger window may unblock queues waiting on this channel.
                     self.wake_queues();
                 } else {
+                    // As rabbit_limiter:unlimit_prefetch: a per-consumer qos lifts the
+                    // channel-wide limit.
+                    self.limiter.global_prefetch.store(0, Ordering::Relaxed);
                     self.consumer_prefetch = q.prefetch_count;
+                    self.wake_queues();
                 }
                 self.send(
                     ctx,
@@ -616,8 +620,10 @@ impl Channel {
         let mut header = content.header;
         let mut cc_bcc: Vec<Bytes> = Vec::new();
         if let Some(table) = &headers {
+            // As rabbit_basic:header_routes: arrays of longstr; any other type is refused.
             for key in ["CC", "BCC"] {
                 match table.inner().get(key) {
+                    None => {}
                     Some(AMQPValue::FieldArray(items)) => {
                         for item in items.as_slice() {
                             if let AMQPValue::LongString(s) = item {
@@ -625,10 +631,12 @@ impl Channel {
                             }
                         }
                     }
-                    Some(AMQPValue::LongString(s)) => {
-                        cc_bcc.push(Bytes::copy_from_slice(s.as_bytes()))
+                    Some(other) => {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "invalid message: {{unacceptable_type_in_header,\"{key}\",{}}}",
+                            crate::exchange::term::type_name(other)
+                        )));
                     }
-                    _ => {}
                 }
             }
             // BCC must not reach consumers.
@@ -654,6 +662,7 @@ impl Channel {
             headers.as_ref(),
             &mut routes,
         );
+        let mut refused = false;
         let result = routed.map(|()| {
             // Queued messages get their own allocations: frame slices would pin whole read
             // buffers for as long as the message waits.
@@ -673,8 +682,13 @@ impl Channel {
             let mut delivered = 0usize;
             for name in routes.iter() {
                 if let Some(queue) = ctx.vhost.queue(name) {
-                    if queue.publish(msg.clone()) == crate::queue::handle::Enqueued::Accepted {
-                        delivered += 1;
+                    match queue.publish(msg.clone()) {
+                        Enqueued::Accepted => delivered += 1,
+                        Enqueued::Rejected => {
+                            delivered += 1;
+                            refused = true;
+                        }
+                        Enqueued::QueueGone => {}
                     }
                 }
             }
@@ -695,7 +709,13 @@ impl Channel {
         if let Some(tracker) = self.confirms.as_mut() {
             // Queues are in memory: a message is confirmed once enqueued (or found unroutable,
             // after its basic.return). Frames go out in `flush_confirms`, batched per read.
-            tracker.publish(std::iter::empty());
+            if refused {
+                // Any refusing queue makes the whole publish a nack (rabbit_confirms).
+                let tag = tracker.publish([Arc::<str>::from("")]);
+                tracker.reject(tag);
+            } else {
+                tracker.publish(std::iter::empty());
+            }
         }
         Ok(())
     }
@@ -930,16 +950,6 @@ enum Settle {
 
 fn unknown_tag(tag: u64) -> AmqpError {
     AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
-}
-
-fn check_exclusive(queue: &Queue, conn_id: u64) -> Result<(), AmqpError> {
-    match queue.props.exclusive_owner {
-        Some(owner) if owner != conn_id => Err(AmqpError::resource_locked(format!(
-            "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-            resource("queue", &queue.name, &queue.vhost)
-        ))),
-        _ => Ok(()),
-    }
 }
 
 /// Content header (properties verbatim) and body frames of a message.

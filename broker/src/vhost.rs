@@ -156,7 +156,7 @@ impl VHost {
     pub fn declare_queue(&self, d: QueueDeclare<'_>) -> Result<(Arc<Queue>, u32, u32), AmqpError> {
         let res = resource("queue", &d.name, &self.name);
         if let Some(existing) = self.queue(&d.name) {
-            check_owner(&existing, d.conn_id)?;
+            check_declare_owner(&existing, &d)?;
             if !d.passive {
                 check_equivalent(&existing, &d, &res)?;
             }
@@ -178,12 +178,13 @@ impl VHost {
             auto_delete: d.auto_delete,
             exclusive_owner: d.exclusive.then_some(d.conn_id),
             arguments: d.arguments.clone(),
+            limits: crate::queue::handle::Limits::from_arguments(d.arguments),
         };
         let mut queues = self.queues_write();
         // Another connection may have won the race between our lookup and the write lock.
         if let Some(existing) = queues.get(&d.name).cloned() {
             drop(queues);
-            check_owner(&existing, d.conn_id)?;
+            check_declare_owner(&existing, &d)?;
             check_equivalent(&existing, &d, &res)?;
             let (messages, consumers) = existing.counts();
             return Ok((existing, messages, consumers));
@@ -229,53 +230,79 @@ impl VHost {
     }
 }
 
-fn check_owner(queue: &Queue, conn_id: u64) -> Result<(), AmqpError> {
+/// queue.declare checks exclusivity strictly (the flag must match the queue's) and passive
+/// declares laxly (only another connection's exclusive queue is locked), as
+/// rabbit_amqqueue:check_exclusive_access.
+fn check_declare_owner(queue: &Queue, d: &QueueDeclare<'_>) -> Result<(), AmqpError> {
+    let owner = queue.props.exclusive_owner;
+    let ok = if d.passive {
+        owner.is_none_or(|o| o == d.conn_id)
+    } else {
+        owner == d.exclusive.then_some(d.conn_id)
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(locked(queue))
+    }
+}
+
+fn locked(queue: &Queue) -> AmqpError {
+    AmqpError::resource_locked(format!(
+        "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+        resource("queue", &queue.name, &queue.vhost)
+    ))
+}
+
+/// Lax exclusivity check for every other queue operation: only another connection's
+/// exclusive queue is locked.
+pub fn check_exclusive(queue: &Queue, conn_id: u64) -> Result<(), AmqpError> {
     match queue.props.exclusive_owner {
-        Some(owner) if owner != conn_id => Err(AmqpError::resource_locked(format!(
-            "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-            resource("queue", &queue.name, &queue.vhost)
-        ))),
+        Some(owner) if owner != conn_id => Err(locked(queue)),
         _ => Ok(()),
     }
 }
 
-/// RabbitMQ compares durable, exclusive, auto_delete and the known x-arguments.
+/// RabbitMQ compares durable, auto_delete and the known x-arguments (exclusivity is checked
+/// first, by [`check_declare_owner`]), with `rabbit_misc:assert_args_equivalence`'s texts.
 fn check_equivalent(queue: &Queue, d: &QueueDeclare<'_>, res: &str) -> Result<(), AmqpError> {
+    use crate::exchange::term::{format_typed_val, format_val, loose_eq, type_class};
     let fail = |arg: &str, received: String, current: String| {
         AmqpError::precondition_failed(format!(
-            "inequivalent arg '{arg}' for {res}: received '{received}' but current is '{current}'"
+            "inequivalent arg '{arg}' for {res}: received {received} but current is {current}"
         ))
     };
     let p = &queue.props;
     if p.durable != d.durable {
         return Err(fail(
             "durable",
-            d.durable.to_string(),
-            p.durable.to_string(),
-        ));
-    }
-    if p.exclusive_owner.is_some() != d.exclusive {
-        return Err(fail(
-            "exclusive",
-            d.exclusive.to_string(),
-            p.exclusive_owner.is_some().to_string(),
+            format!("'{}'", d.durable),
+            format!("'{}'", p.durable),
         ));
     }
     if p.auto_delete != d.auto_delete {
         return Err(fail(
             "auto_delete",
-            d.auto_delete.to_string(),
-            p.auto_delete.to_string(),
+            format!("'{}'", d.auto_delete),
+            format!("'{}'", p.auto_delete),
         ));
     }
     for key in KNOWN_QUEUE_ARGS {
         let old = p.arguments.inner().get(*key);
         let new = d.arguments.inner().get(*key);
-        if old != new {
-            let show = |v: Option<&amq_protocol::types::AMQPValue>| {
-                v.map_or_else(|| "none".to_string(), crate::exchange::term::format_val)
-            };
-            return Err(fail(key, show(new), show(old)));
+        match (old, new) {
+            (None, None) => {}
+            (Some(o), Some(n)) => {
+                if type_class(o) != type_class(n) || !loose_eq(o, n) {
+                    return Err(fail(key, format_val(n), format_val(o)));
+                }
+            }
+            (o, n) => {
+                let show = |v: Option<&amq_protocol::types::AMQPValue>| {
+                    v.map_or_else(|| "none".to_string(), format_typed_val)
+                };
+                return Err(fail(key, show(n), show(o)));
+            }
         }
     }
     Ok(())

@@ -85,17 +85,30 @@ struct ReadyEntry<M> {
 /// (`x-max-priority`) becomes one deque per priority, TTL expiry and max-length drop-head
 /// work at `front`/`pop_front`.
 ///
-/// Invariant: entries are strictly increasing by `seq`.
+/// Invariants: entries are strictly increasing by `seq`; `bytes` is the sum of `sizer` over
+/// the entries (for `x-max-length-bytes`).
 #[derive(Debug)]
 struct ReadyQueue<M> {
     entries: VecDeque<ReadyEntry<M>>,
+    bytes: u64,
+    sizer: fn(&M) -> u64,
 }
 
 impl<M> ReadyQueue<M> {
-    fn new() -> Self {
+    fn new(sizer: fn(&M) -> u64) -> Self {
         ReadyQueue {
             entries: VecDeque::new(),
+            bytes: 0,
+            sizer,
         }
+    }
+
+    fn add(&mut self, entry: &ReadyEntry<M>) {
+        self.bytes += (self.sizer)(&entry.msg);
+    }
+
+    fn sub(&mut self, entry: &ReadyEntry<M>) {
+        self.bytes = self.bytes.saturating_sub((self.sizer)(&entry.msg));
     }
 
     fn len(&self) -> usize {
@@ -109,16 +122,20 @@ impl<M> ReadyQueue<M> {
     /// Appends a freshly published message; its seq is above every seq the queue has seen.
     fn push_back(&mut self, entry: ReadyEntry<M>) {
         debug_assert!(self.entries.back().is_none_or(|b| b.seq < entry.seq));
+        self.add(&entry);
         self.entries.push_back(entry);
     }
 
     fn pop_front(&mut self) -> Option<ReadyEntry<M>> {
-        self.entries.pop_front()
+        let entry = self.entries.pop_front()?;
+        self.sub(&entry);
+        Some(entry)
     }
 
     /// Puts back an entry just taken by `pop_front` that could not be delivered.
     fn unpop_front(&mut self, entry: ReadyEntry<M>) {
         debug_assert!(self.entries.front().is_none_or(|f| entry.seq < f.seq));
+        self.add(&entry);
         self.entries.push_front(entry);
     }
 
@@ -130,6 +147,7 @@ impl<M> ReadyQueue<M> {
     fn requeue(&mut self, mut batch: Vec<ReadyEntry<M>>) {
         batch.sort_unstable_by_key(|e| e.seq);
         while let Some(entry) = batch.pop() {
+            self.add(&entry);
             match self.entries.front() {
                 Some(front) if front.seq < entry.seq => {
                     let at = self.entries.partition_point(|e| e.seq < entry.seq);
@@ -141,6 +159,7 @@ impl<M> ReadyQueue<M> {
     }
 
     fn drain(&mut self) -> Vec<M> {
+        self.bytes = 0;
         self.entries.drain(..).map(|e| e.msg).collect()
     }
 
@@ -190,9 +209,14 @@ impl<M> Default for QueueCore<M> {
 
 impl<M> QueueCore<M> {
     pub fn new() -> Self {
+        Self::with_sizer(|_| 0)
+    }
+
+    /// A queue that weighs ready messages with `sizer` (see [`QueueCore::ready_bytes`]).
+    pub fn with_sizer(sizer: fn(&M) -> u64) -> Self {
         QueueCore {
             next_seq: 0,
-            ready: ReadyQueue::new(),
+            ready: ReadyQueue::new(sizer),
             unacked: HashMap::new(),
             unacked_by_channel: HashMap::new(),
             consumers: ConsumerSet::new(),
@@ -209,6 +233,16 @@ impl<M> QueueCore<M> {
             redelivered: false,
         });
         seq
+    }
+
+    /// Removes the oldest ready message (x-overflow drop-head). O(1).
+    pub fn drop_head(&mut self) -> Option<M> {
+        self.ready.pop_front().map(|e| e.msg)
+    }
+
+    /// Sum of the sizes of the ready messages, as weighed by the queue's sizer.
+    pub fn ready_bytes(&self) -> u64 {
+        self.ready.bytes
     }
 
     /// basic.consume. The caller maps the error with [`ConsumeError::to_amqp`].

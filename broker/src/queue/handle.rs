@@ -111,6 +111,56 @@ pub struct QueueProps {
     /// Connection id owning an exclusive queue.
     pub exclusive_owner: Option<u64>,
     pub arguments: FieldTable,
+    pub limits: Limits,
+}
+
+/// What a full queue does with a new message (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    #[default]
+    DropHead,
+    RejectPublish,
+    /// Like reject-publish; dead-lettering of the refused message comes with DLX support.
+    RejectPublishDlx,
+}
+
+/// Length limits from `x-max-length` / `x-max-length-bytes` / `x-overflow`. They count ready
+/// messages only, as RabbitMQ does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+}
+
+impl Limits {
+    /// Reads the (already validated) queue arguments.
+    pub fn from_arguments(args: &FieldTable) -> Limits {
+        let int = |key: &str| {
+            args.inner()
+                .get(key)
+                .and_then(crate::channel::int_value)
+                .and_then(|v| u64::try_from(v).ok())
+        };
+        let overflow = match args.inner().get("x-overflow") {
+            Some(amq_protocol::types::AMQPValue::LongString(s)) => match s.as_bytes() {
+                b"reject-publish" => Overflow::RejectPublish,
+                b"reject-publish-dlx" => Overflow::RejectPublishDlx,
+                _ => Overflow::DropHead,
+            },
+            _ => Overflow::DropHead,
+        };
+        Limits {
+            max_length: int("x-max-length"),
+            max_length_bytes: int("x-max-length-bytes"),
+            overflow,
+        }
+    }
+
+    fn over(&self, count: u64, bytes: u64) -> bool {
+        self.max_length.is_some_and(|max| count > max)
+            || self.max_length_bytes.is_some_and(|max| bytes > max)
+    }
 }
 
 #[derive(Debug)]
@@ -134,6 +184,8 @@ pub struct Queue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
     Accepted,
+    /// A full queue with x-overflow reject-publish refused it: the publisher gets a nack.
+    Rejected,
     /// The queue was deleted concurrently; the message went nowhere.
     QueueGone,
 }
@@ -145,7 +197,7 @@ impl Queue {
             vhost,
             props,
             state: Mutex::new(QueueState {
-                core: QueueCore::new(),
+                core: QueueCore::with_sizer(|m: &Arc<Message>| m.body_size()),
                 sinks: HashMap::new(),
                 limiters: HashMap::new(),
                 deleted: false,
@@ -165,8 +217,21 @@ impl Queue {
         if st.deleted {
             return Enqueued::QueueGone;
         }
+        let limits = self.props.limits;
+        if limits.overflow != Overflow::DropHead {
+            let count = st.core.message_count() as u64 + 1;
+            if limits.over(count, st.core.ready_bytes() + msg.body_size()) {
+                return Enqueued::Rejected;
+            }
+        }
         st.core.publish(msg);
         self.dispatch_locked(&mut st);
+        // drop-head: whatever no consumer took and does not fit goes, oldest first.
+        while limits.over(st.core.message_count() as u64, st.core.ready_bytes()) {
+            if st.core.drop_head().is_none() {
+                break;
+            }
+        }
         Enqueued::Accepted
     }
 
