@@ -505,6 +505,23 @@ impl<M> QueueCore<M> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn ready_bytes_follow_every_move_and_drop_head_takes_the_oldest() {
+        let mut q: QueueCore<u64> = QueueCore::with_sizer(|m| *m);
+        for size in [10u64, 20, 30] {
+            q.publish(size);
+        }
+        assert_eq!(q.ready_bytes(), 60);
+        let got = q.get(ChannelKey(1), false).unwrap();
+        assert_eq!((got.msg, q.ready_bytes()), (10, 50));
+        q.requeue([got.seq]);
+        assert_eq!(q.ready_bytes(), 60);
+        assert_eq!(q.drop_head(), Some(10));
+        assert_eq!(q.ready_bytes(), 50);
+        q.purge();
+        assert_eq!((q.ready_bytes(), q.drop_head()), (0, None));
+    }
+
     fn key(ch: u64, tag: &str) -> ConsumerKey {
         ConsumerKey::new(ChannelKey(ch), tag)
     }
