@@ -154,7 +154,10 @@ async fn publish_consume_ack_with_properties() {
         assert_eq!(d.delivery_tag, i + 1);
         assert!(!d.redelivered);
         assert_eq!(d.routing_key.as_str(), q);
-        assert_eq!(d.properties.content_type().as_ref().unwrap().as_str(), "text/plain");
+        assert_eq!(
+            d.properties.content_type().as_ref().unwrap().as_str(),
+            "text/plain"
+        );
         assert_eq!(d.properties.message_id().as_ref().unwrap().as_str(), "m-1");
         assert_eq!(*d.properties.delivery_mode(), Some(2));
         assert_eq!(*d.properties.priority(), Some(3));
@@ -267,9 +270,19 @@ async fn confirms_nack_when_the_queue_refuses() {
             )
             .await
             .unwrap();
-        results.push(tokio::time::timeout(WAIT, c).await.unwrap().unwrap().is_ack());
+        results.push(
+            tokio::time::timeout(WAIT, c)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_ack(),
+        );
     }
-    assert_eq!(results, [true, false], "the second publish is refused: basic.nack");
+    assert_eq!(
+        results,
+        [true, false],
+        "the second publish is refused: basic.nack"
+    );
     conn.close(200, "bye".into()).await.unwrap();
 }
 
@@ -280,7 +293,14 @@ async fn qos_limits_unacked_deliveries() {
     let ch = conn.create_channel().await.unwrap();
     let q = declare(&ch, "", true).await;
     for i in 0..20 {
-        publish(&ch, "", &q, format!("{i}").as_bytes(), BasicProperties::default()).await;
+        publish(
+            &ch,
+            "",
+            &q,
+            format!("{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
     }
     ch.basic_qos(5, BasicQosOptions::default()).await.unwrap();
     let (_tag, mut rx) = consumer(&ch, &q, "", false).await;
@@ -288,9 +308,16 @@ async fn qos_limits_unacked_deliveries() {
     nothing_within(&mut rx, Duration::from_millis(400)).await;
     // ack two (the second with multiple): two more come
     held[0].acker.ack(BasicAckOptions::default()).await.unwrap();
-    held[1].acker.ack(BasicAckOptions { multiple: true }).await.unwrap();
+    held[1]
+        .acker
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .unwrap();
     let more = take(&mut rx, 2).await;
-    assert_eq!((&more[0].data[..], &more[1].data[..]), (&b"5"[..], &b"6"[..]));
+    assert_eq!(
+        (&more[0].data[..], &more[1].data[..]),
+        (&b"5"[..], &b"6"[..])
+    );
     nothing_within(&mut rx, Duration::from_millis(300)).await;
     conn.close(200, "bye".into()).await.unwrap();
 }
@@ -314,7 +341,10 @@ async fn get_and_nack_requeue() {
         .await
         .unwrap()
         .expect("get-ok");
-    assert_eq!((m.data.as_slice(), m.message_count, m.redelivered), (&b"a"[..], 2, false));
+    assert_eq!(
+        (m.data.as_slice(), m.message_count, m.redelivered),
+        (&b"a"[..], 2, false)
+    );
     m.acker
         .nack(BasicNackOptions {
             multiple: false,
@@ -327,11 +357,17 @@ async fn get_and_nack_requeue() {
         .await
         .unwrap()
         .expect("get-ok");
-    assert_eq!((m.data.as_slice(), m.message_count, m.redelivered), (&b"a"[..], 2, true));
+    assert_eq!(
+        (m.data.as_slice(), m.message_count, m.redelivered),
+        (&b"a"[..], 2, true)
+    );
     let (_t, mut rx) = consumer(&ch, &q, "", false).await;
     let first = take(&mut rx, 2).await;
     assert_eq!(
-        [(&first[0].data[..], first[0].redelivered), (&first[1].data[..], first[1].redelivered)],
+        [
+            (&first[0].data[..], first[0].redelivered),
+            (&first[1].data[..], first[1].redelivered)
+        ],
         [(&b"b"[..], false), (&b"c"[..], false)]
     );
     first[0]
@@ -343,7 +379,10 @@ async fn get_and_nack_requeue() {
         .await
         .unwrap();
     let again = take(&mut rx, 1).await;
-    assert_eq!((&again[0].data[..], again[0].redelivered), (&b"b"[..], true));
+    assert_eq!(
+        (&again[0].data[..], again[0].redelivered),
+        (&b"b"[..], true)
+    );
     conn.close(200, "bye".into()).await.unwrap();
 }
 
@@ -430,7 +469,10 @@ async fn immediate_is_540() {
         .await
         .expect_err("the connection is closed with 540");
     let (code, text) = amqp_error(&err);
-    assert_eq!((code, text.as_str()), (540, "NOT_IMPLEMENTED - immediate=true"));
+    assert_eq!(
+        (code, text.as_str()),
+        (540, "NOT_IMPLEMENTED - immediate=true")
+    );
 }
 
 // ---- scale -----------------------------------------------------------------------------------
@@ -536,7 +578,11 @@ async fn scale_1000_queues_10_consumers_each_on_100_connections() {
             )
             .await
             .unwrap();
-        assert_eq!(ok.consumer_count() as usize, CONSUMERS_PER_QUEUE, "queue {i}");
+        assert_eq!(
+            ok.consumer_count() as usize,
+            CONSUMERS_PER_QUEUE,
+            "queue {i}"
+        );
     }
 
     // publish with confirms from 4 connections
@@ -587,9 +633,12 @@ async fn scale_1000_queues_10_consumers_each_on_100_connections() {
     assert_eq!(seen.len(), total, "distinct messages received");
     let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(dups.is_empty(), "delivered twice: {dups:?}");
-    for ((i, body), _) in &seen {
+    for (i, body) in seen.keys() {
         let text = String::from_utf8_lossy(body);
-        assert!(text.starts_with(&format!("{i}:")), "{text} arrived on queue {i}");
+        assert!(
+            text.starts_with(&format!("{i}:")),
+            "{text} arrived on queue {i}"
+        );
     }
     // nothing left behind: every queue empty, acks done
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -622,5 +671,9 @@ async fn scale_1000_queues_10_consumers_each_on_100_connections() {
         target.describe(),
         t0.elapsed()
     );
-    assert!(t0.elapsed() < Duration::from_secs(60), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
