@@ -7,7 +7,9 @@ use std::sync::{Arc, RwLock};
 use crate::auth::Users;
 use crate::config::Config;
 use crate::memory::{total_memory, MemoryMonitor};
+use crate::persist::Persistence;
 use crate::vhost::VHost;
+use warren_storage::{DefChange, DefinitionSet, StorageError, VhostDef};
 
 /// State shared by every connection task.
 ///
@@ -23,21 +25,41 @@ pub struct Broker {
     pub memory: Arc<MemoryMonitor>,
     /// Connections that completed connection.open-ok and are still open.
     open_connections: AtomicUsize,
+    /// Durable state; None for a broker that keeps nothing on disk (unit tests).
+    pub persistence: Option<Arc<Persistence>>,
 }
 
 impl Broker {
+    /// A broker that keeps nothing on disk.
     pub fn new(config: Config) -> Arc<Broker> {
+        Self::build(config, None)
+    }
+
+    /// Opens the data directory, recovering durable vhosts, exchanges, queues (with their
+    /// persistent messages) and bindings.
+    pub fn open(config: Config) -> Result<Arc<Broker>, StorageError> {
+        let (persistence, defs) = Persistence::open(&config.data_dir)?;
+        let broker = Self::build(config, Some(persistence.clone()));
+        broker.recover(&persistence, &defs);
+        Ok(broker)
+    }
+
+    fn build(config: Config, persistence: Option<Arc<Persistence>>) -> Arc<Broker> {
         let mut users = Users::default();
         let loopback_only = config.loopback_users.contains(&config.default_user);
         users.add(&config.default_user, &config.default_pass, loopback_only);
-        let mut vhosts = HashMap::new();
-        vhosts.insert(
-            config.default_vhost.clone(),
-            Arc::new(VHost::new(&config.default_vhost)),
-        );
         // Without /proc/meminfo, assume a small machine rather than disabling the alarm.
         let total = total_memory().unwrap_or(1 << 30);
         let memory = MemoryMonitor::new(config.memory_high_watermark.bytes(total));
+        let mut vhosts = HashMap::new();
+        vhosts.insert(
+            config.default_vhost.clone(),
+            Arc::new(VHost::new(
+                &config.default_vhost,
+                memory.clone(),
+                persistence.clone(),
+            )),
+        );
         Arc::new(Broker {
             memory,
             config,
@@ -45,7 +67,51 @@ impl Broker {
             vhosts: RwLock::new(vhosts),
             next_id: AtomicU64::new(1),
             open_connections: AtomicUsize::new(0),
+            persistence,
         })
+    }
+
+    fn recover(&self, persistence: &Arc<Persistence>, defs: &DefinitionSet) {
+        {
+            let mut vhosts = self.vhosts.write().unwrap_or_else(|e| e.into_inner());
+            for name in defs.vhosts.keys() {
+                vhosts.entry(name.clone()).or_insert_with(|| {
+                    Arc::new(VHost::new(
+                        name,
+                        self.memory.clone(),
+                        Some(persistence.clone()),
+                    ))
+                });
+            }
+        }
+        if !defs.vhosts.contains_key(&self.config.default_vhost) {
+            persistence.record(DefChange::PutVhost(VhostDef {
+                name: self.config.default_vhost.clone(),
+                description: "Default virtual host".into(),
+                tags: Vec::new(),
+            }));
+        }
+        for def in defs.exchanges.values() {
+            if let Some(vhost) = self.vhost(&def.vhost) {
+                vhost.recover_exchange(def);
+            }
+        }
+        for def in defs.queues.values() {
+            if let Some(vhost) = self.vhost(&def.vhost) {
+                vhost.recover_queue(def);
+            }
+        }
+        for def in defs.bindings() {
+            if let Some(vhost) = self.vhost(&def.vhost) {
+                vhost.recover_binding(def);
+            }
+        }
+    }
+
+    /// Every vhost (for periodic work such as syncing stores).
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        let map = self.vhosts.read().unwrap_or_else(|e| e.into_inner());
+        map.values().cloned().collect()
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {

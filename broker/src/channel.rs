@@ -92,6 +92,10 @@ pub struct Channel {
     tx: Option<Vec<TxOp>>,
     /// Reused between publishes to avoid allocating.
     route_set: RouteSet,
+    /// Confirms waiting for the next group commit: (publish tag, queue name).
+    unsynced: Vec<(u64, Arc<str>)>,
+    /// Queues written since the last sync request of this channel.
+    unsynced_queues: HashMap<Arc<str>, Arc<Queue>>,
 }
 
 impl Channel {
@@ -110,6 +114,8 @@ impl Channel {
             confirms: None,
             tx: None,
             route_set: RouteSet::default(),
+            unsynced: Vec::new(),
+            unsynced_queues: HashMap::new(),
         }
     }
 
@@ -663,6 +669,7 @@ impl Channel {
             &mut routes,
         );
         let mut refused = false;
+        let mut persisted: Vec<Arc<Queue>> = Vec::new();
         let result = routed.map(|()| {
             // Queued messages get their own allocations: frame slices would pin whole read
             // buffers for as long as the message waits.
@@ -684,6 +691,10 @@ impl Channel {
                 if let Some(queue) = ctx.vhost.queue(name) {
                     match queue.publish(msg.clone()) {
                         Enqueued::Accepted => delivered += 1,
+                        Enqueued::Persisted => {
+                            delivered += 1;
+                            persisted.push(queue);
+                        }
                         Enqueued::Rejected => {
                             delivered += 1;
                             refused = true;
@@ -714,10 +725,59 @@ impl Channel {
                 let tag = tracker.publish([Arc::<str>::from("")]);
                 tracker.reject(tag);
             } else {
-                tracker.publish(std::iter::empty());
+                // Transient deliveries are confirmed at once; stored ones after the fsync
+                // that covers them.
+                let tag = tracker.publish(persisted.iter().map(|q| q.name.clone()));
+                for queue in persisted {
+                    self.unsynced.push((tag, queue.name.clone()));
+                    self.unsynced_queues.insert(queue.name.clone(), queue);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Starts one group-commit request for every stored publish of the last read batch; its
+    /// completion comes back to the connection as [`ConnEvent::Synced`].
+    pub fn request_sync(
+        &mut self,
+        sync: &warren_storage::SyncService,
+        events: &mpsc::UnboundedSender<ConnEvent>,
+    ) {
+        if self.unsynced.is_empty() {
+            return;
+        }
+        let mut handle = warren_storage::SyncHandle::default();
+        for (_, queue) in self.unsynced_queues.drain() {
+            if let Some(h) = queue.prepare_sync() {
+                handle.merge(h);
+            }
+        }
+        let confirms = std::mem::take(&mut self.unsynced);
+        let events = events.clone();
+        let (channel, channel_id) = (self.key, self.id);
+        sync.request(handle, move |result| {
+            let _ = events.send(ConnEvent::Synced {
+                channel,
+                channel_id,
+                confirms,
+                ok: result.is_ok(),
+            });
+        });
+    }
+
+    /// A group commit finished: the publishes it covered are confirmed (or nacked).
+    pub fn synced(&mut self, confirms: &[(u64, Arc<str>)], ok: bool) {
+        let Some(tracker) = self.confirms.as_mut() else {
+            return;
+        };
+        for (tag, queue) in confirms {
+            if ok {
+                tracker.confirm(*tag, queue);
+            } else {
+                tracker.reject(*tag);
+            }
+        }
     }
 
     /// Writes pending publisher confirms, coalesced with `multiple` where possible.

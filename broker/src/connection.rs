@@ -697,9 +697,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Publisher confirms are written once per read batch so `multiple` can cover many.
+    /// Stored publishes of the batch go to the group commit in one request per channel.
     fn flush_confirms(&mut self) {
+        let persistence = self.broker.persistence.as_ref();
         for slot in self.channels.values_mut() {
             if let ChannelSlot::Open(ch) = slot {
+                if let Some(p) = persistence {
+                    ch.request_sync(&p.sync, &self.events_tx);
+                }
                 ch.flush_confirms(&mut self.wbuf);
             }
         }
@@ -712,6 +717,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         let (channel_id, key) = match &event {
             ConnEvent::Deliver(d) => (d.channel_id, d.channel),
+            ConnEvent::Synced {
+                channel_id,
+                channel,
+                ..
+            } => (*channel_id, *channel),
             ConnEvent::ConsumerCancelled {
                 channel_id,
                 channel,
@@ -742,6 +752,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         match event {
             ConnEvent::Deliver(d) => ch.deliver(&mut ctx, d),
             ConnEvent::ConsumerCancelled { tag, .. } => ch.consumer_cancelled(&mut ctx, &tag),
+            ConnEvent::Synced { confirms, ok, .. } => {
+                ch.synced(&confirms, ok);
+                ch.flush_confirms(ctx.out);
+            }
         }
     }
 

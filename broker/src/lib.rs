@@ -10,6 +10,7 @@ pub mod error;
 pub mod exchange;
 pub mod memory;
 pub mod message;
+pub mod persist;
 pub mod queue;
 pub mod server;
 pub mod vhost;

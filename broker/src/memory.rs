@@ -49,6 +49,12 @@ impl MemoryMonitor {
         self.high
     }
 
+    /// Whether queues may keep in-memory copies of messages they also hold on disk: below half
+    /// the watermark, so that paging starts well before publishers are blocked.
+    pub fn may_cache(&self) -> bool {
+        self.high == 0 || self.used() < self.high / 2
+    }
+
     /// True while publishers must be held back.
     pub fn is_alarmed(&self) -> bool {
         self.high != 0 && self.used() >= self.high
@@ -74,6 +80,12 @@ impl MemoryMonitor {
 pub struct MemoryCharge {
     monitor: Arc<MemoryMonitor>,
     bytes: u64,
+}
+
+impl MemoryCharge {
+    pub fn monitor(&self) -> &Arc<MemoryMonitor> {
+        &self.monitor
+    }
 }
 
 impl Drop for MemoryCharge {

@@ -42,10 +42,16 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
-        Ok(Server {
-            broker: Broker::new(config),
-            listeners,
-        })
+        let data_dir = config.data_dir.clone();
+        let started = std::time::Instant::now();
+        let broker = Broker::open(config)
+            .with_context(|| format!("cannot open the data directory {}", data_dir.display()))?;
+        info!(
+            data_dir = %data_dir.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "durable state recovered"
+        );
+        Ok(Server { broker, listeners })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -67,6 +73,7 @@ impl Server {
             tokio::spawn(accept_loop(listener, broker, shutdown, done));
         }
         drop(done_tx);
+        let syncer = tokio::spawn(sync_periodically(self.broker.clone()));
         stop.await;
         info!(
             connections = self.broker.open_connections(),
@@ -79,7 +86,39 @@ impl Server {
         {
             warn!("some connections did not close in time");
         }
+        syncer.abort();
+        // Everything written so far becomes durable before the process exits.
+        let broker = self.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for vhost in broker.vhosts() {
+                for queue in vhost.queues() {
+                    queue.sync_now();
+                }
+            }
+        })
+        .await;
         info!("stopped");
+    }
+}
+
+/// Persistent messages published without confirms still reach the disk within this period.
+const BACKGROUND_SYNC: Duration = Duration::from_millis(200);
+
+/// Group-commits stores that have unsynced writes nobody is waiting for.
+async fn sync_periodically(broker: Arc<Broker>) {
+    let Some(persistence) = broker.persistence.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(BACKGROUND_SYNC);
+    loop {
+        tick.tick().await;
+        for vhost in broker.vhosts() {
+            for queue in vhost.queues() {
+                if let Some(handle) = queue.prepare_sync() {
+                    persistence.sync.request(handle, |_| {});
+                }
+            }
+        }
     }
 }
 

@@ -9,8 +9,13 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
+use tracing::{error, warn};
+use warren_storage::{BindingDef, DefChange, ExchangeDef, QueueDef};
+
 use crate::error::{resource, AmqpError};
-use crate::exchange::{Destination, RouteSet, Topology};
+use crate::exchange::{DeclareOutcome, Destination, Removed, RouteSet, Topology};
+use crate::memory::MemoryMonitor;
+use crate::persist::Persistence;
 use crate::queue::handle::{ConnEvent, Queue, QueueProps};
 
 /// queue.declare arguments as the vhost needs them.
@@ -33,14 +38,105 @@ pub struct VHost {
     pub name: Arc<str>,
     topology: RwLock<Topology>,
     queues: RwLock<HashMap<Arc<str>, Arc<Queue>>>,
+    memory: Arc<MemoryMonitor>,
+    /// Where durable definitions and messages go; None for a broker without a data dir.
+    persistence: Option<Arc<Persistence>>,
 }
 
 impl VHost {
-    pub fn new(name: &str) -> VHost {
+    pub fn new(
+        name: &str,
+        memory: Arc<MemoryMonitor>,
+        persistence: Option<Arc<Persistence>>,
+    ) -> VHost {
         VHost {
             name: Arc::from(name),
             topology: RwLock::new(Topology::new(name)),
             queues: RwLock::new(HashMap::new()),
+            memory,
+            persistence,
+        }
+    }
+
+    fn record(&self, change: DefChange) {
+        if let Some(p) = &self.persistence {
+            p.record(change);
+        }
+    }
+
+    /// Records the deletion of exchanges a topology change removed (auto-delete cascades).
+    fn record_removed(&self, removed: &Removed) {
+        for name in &removed.exchanges {
+            self.record(DefChange::DeleteExchange {
+                vhost: self.name.to_string(),
+                name: name.to_string(),
+            });
+        }
+    }
+
+    /// Every queue of the vhost.
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues_read().values().cloned().collect()
+    }
+
+    // ------------------------------------------------------------------ recovery
+
+    pub fn recover_exchange(&self, def: &ExchangeDef) {
+        let res = self.topology_write().declare_exchange(
+            &def.name,
+            &def.kind,
+            false,
+            def.durable,
+            def.auto_delete,
+            def.internal,
+            &def.arguments,
+        );
+        if let Err(e) = res {
+            warn!(exchange = %def.name, error = %e, "cannot recover a durable exchange");
+        }
+    }
+
+    pub fn recover_queue(&self, def: &QueueDef) {
+        let Some(persistence) = &self.persistence else {
+            return;
+        };
+        let recovered = match persistence.recover_store(&self.name, &def.name) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(queue = %def.name, error = %e, "cannot recover a durable queue's messages");
+                return;
+            }
+        };
+        let name: Arc<str> = Arc::from(def.name.as_str());
+        let props = QueueProps {
+            durable: true,
+            auto_delete: def.auto_delete,
+            exclusive_owner: None,
+            arguments: def.arguments.clone(),
+            limits: crate::queue::handle::Limits::from_arguments(&def.arguments),
+        };
+        let queue = Queue::new(
+            name.clone(),
+            self.name.clone(),
+            props,
+            self.memory.clone(),
+            Some(recovered.store),
+        );
+        queue.restore(&recovered.messages);
+        self.queues_write().insert(name, queue);
+    }
+
+    pub fn recover_binding(&self, def: &BindingDef) {
+        let destination = if def.destination_is_queue {
+            Destination::Queue(Arc::from(def.destination.as_str()))
+        } else {
+            Destination::Exchange(Arc::from(def.destination.as_str()))
+        };
+        let res =
+            self.topology_write()
+                .bind(&def.source, &destination, &def.routing_key, &def.arguments);
+        if let Err(e) = res {
+            warn!(source = %def.source, destination = %def.destination, error = %e, "cannot recover a binding");
         }
     }
 
@@ -76,23 +172,58 @@ impl VHost {
         internal: bool,
         arguments: &FieldTable,
     ) -> Result<(), AmqpError> {
-        self.topology_write()
-            .declare_exchange(
-                name,
-                kind,
-                passive,
+        let outcome = self.topology_write().declare_exchange(
+            name,
+            kind,
+            passive,
+            durable,
+            auto_delete,
+            internal,
+            arguments,
+        )?;
+        if durable && !passive && outcome == DeclareOutcome::Created {
+            self.record(DefChange::PutExchange(ExchangeDef {
+                vhost: self.name.to_string(),
+                name: name.to_string(),
+                kind: kind.to_string(),
                 durable,
                 auto_delete,
                 internal,
-                arguments,
-            )
-            .map(|_| ())
+                arguments: arguments.clone(),
+            }));
+        }
+        Ok(())
     }
 
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
-        self.topology_write()
-            .delete_exchange(name, if_unused)
-            .map(|_| ())
+        let removed = self.topology_write().delete_exchange(name, if_unused)?;
+        self.record_removed(&removed);
+        Ok(())
+    }
+
+    /// A binding is durable when both of its ends are (RabbitMQ's rule).
+    fn binding_def(
+        &self,
+        source: &str,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Option<BindingDef> {
+        self.persistence.as_ref()?;
+        let topology = self.topology_read();
+        let source_durable = topology.exchange(source).is_some_and(|x| x.durable);
+        let destination_durable = match destination {
+            Destination::Exchange(x) => topology.exchange(x).is_some_and(|x| x.durable),
+            Destination::Queue(q) => self.queue(q).is_some_and(|q| q.is_durable_store()),
+        };
+        (source_durable && destination_durable).then(|| BindingDef {
+            vhost: self.name.to_string(),
+            source: source.to_string(),
+            destination: destination.name().to_string(),
+            destination_is_queue: matches!(destination, Destination::Queue(_)),
+            routing_key: routing_key.to_string(),
+            arguments: arguments.clone(),
+        })
     }
 
     pub fn bind(
@@ -112,9 +243,15 @@ impl VHost {
                 )));
             }
         }
-        self.topology_write()
-            .bind(source, &destination, routing_key, arguments)
-            .map(|_| ())
+        let added = self
+            .topology_write()
+            .bind(source, &destination, routing_key, arguments)?;
+        if added {
+            if let Some(def) = self.binding_def(source, &destination, routing_key, arguments) {
+                self.record(DefChange::PutBinding(def));
+            }
+        }
+        Ok(())
     }
 
     pub fn unbind(
@@ -124,9 +261,15 @@ impl VHost {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> Result<(), AmqpError> {
-        self.topology_write()
-            .unbind(source, &destination, routing_key, arguments)
-            .map(|_| ())
+        let def = self.binding_def(source, &destination, routing_key, arguments);
+        let removed = self
+            .topology_write()
+            .unbind(source, &destination, routing_key, arguments)?;
+        if let Some(def) = def {
+            self.record(DefChange::DeleteBinding(def));
+        }
+        self.record_removed(&removed);
+        Ok(())
     }
 
     /// Fills `out` with the queues a publish reaches: the routing key, then every CC/BCC key.
@@ -189,8 +332,39 @@ impl VHost {
             let (messages, consumers) = existing.counts();
             return Ok((existing, messages, consumers));
         }
-        let queue = Queue::new(d.name.clone(), self.name.clone(), props);
+        // Durable queues get a message store; exclusive ones die with their connection, so
+        // they are not recovered (as in RabbitMQ) and need none.
+        let store = match (&self.persistence, d.durable && !d.exclusive) {
+            (Some(p), true) => match p.create_store(&self.name, &d.name) {
+                Ok(store) => Some(store),
+                Err(e) => {
+                    error!(queue = %d.name, error = %e, "cannot create the queue's store");
+                    return Err(AmqpError::internal(format!(
+                        "cannot create the store of {res}"
+                    )));
+                }
+            },
+            _ => None,
+        };
+        let durable_store = store.is_some();
+        let queue = Queue::new(
+            d.name.clone(),
+            self.name.clone(),
+            props,
+            self.memory.clone(),
+            store,
+        );
         queues.insert(d.name.clone(), queue.clone());
+        drop(queues);
+        if durable_store {
+            self.record(DefChange::PutQueue(QueueDef {
+                vhost: self.name.to_string(),
+                name: d.name.to_string(),
+                durable: true,
+                auto_delete: d.auto_delete,
+                arguments: d.arguments.clone(),
+            }));
+        }
         Ok((queue, 0, 0))
     }
 
@@ -206,7 +380,14 @@ impl VHost {
                 _ => return 0,
             }
         }
-        self.topology_write().remove_queue(&queue.name);
+        let removed = self.topology_write().remove_queue(&queue.name);
+        if queue.is_durable_store() {
+            self.record(DefChange::DeleteQueue {
+                vhost: self.name.to_string(),
+                name: queue.name.to_string(),
+            });
+        }
+        self.record_removed(&removed);
         let (count, sinks) = queue.mark_deleted();
         for (key, sink) in sinks {
             let _ = sink.events.send(ConnEvent::ConsumerCancelled {

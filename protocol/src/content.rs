@@ -184,6 +184,14 @@ impl ContentHeader {
         }
     }
 
+    /// A header from raw property bytes kept elsewhere (e.g. read back from the message
+    /// store), validated like a received one.
+    pub fn from_raw(class_id: u16, body_size: u64, raw: Bytes) -> Result<Self, ProtocolError> {
+        let syntax = |e: WireError| ProtocolError::syntax(content_detail(e));
+        let walked = walk_properties(&raw, usize::MAX).map_err(syntax)?;
+        Self::assemble(class_id, body_size, raw, walked).ok_or(syntax(WireError::Truncated))
+    }
+
     /// The same header in its own allocation. Headers decoded from a frame share the read
     /// buffer; a message that stays queued must not pin that whole buffer.
     pub fn detached(&self) -> ContentHeader {
@@ -255,6 +263,9 @@ mod tests {
         assert_eq!(copy, header);
         assert_ne!(copy.raw_properties.as_ptr(), header.raw_properties.as_ptr());
         assert_eq!(copy.expiration.as_deref(), Some(&b"60000"[..]));
+        let again = ContentHeader::from_raw(60, 5, header.raw_properties.clone()).unwrap();
+        assert_eq!(again, header);
+        assert!(ContentHeader::from_raw(60, 5, Bytes::from_static(&[0x80])).is_err());
     }
     use amq_protocol::types::AMQPValue;
 

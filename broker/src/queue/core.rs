@@ -225,12 +225,18 @@ impl<M> QueueCore<M> {
 
     /// Enqueues a message at the tail. O(1).
     pub fn publish(&mut self, msg: M) -> MsgSeq {
+        self.enqueue(msg, false)
+    }
+
+    /// Enqueues a message found by recovery at the tail; `redelivered` when it had been
+    /// delivered before the restart. O(1).
+    pub fn enqueue(&mut self, msg: M, redelivered: bool) -> MsgSeq {
         let seq = MsgSeq(self.next_seq);
         self.next_seq += 1;
         self.ready.push_back(ReadyEntry {
             seq,
             msg,
-            redelivered: false,
+            redelivered,
         });
         seq
     }

@@ -14,8 +14,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use amq_protocol::types::FieldTable;
 use tokio::sync::mpsc;
 
+use tracing::{error, warn};
+use warren_protocol::ContentHeader;
+use warren_storage::{Body, MsgLocation, QueueStore, RecoveredMessage, StoredMessage, SyncHandle};
+
 use super::consumers::{ChannelKey, ConsumeError, ConsumerKey, ConsumerSpec};
-use super::core::{ClosedOutcome, GetResult, MsgSeq, QueueCore, Rejected};
+use super::core::{ClosedOutcome, MsgSeq, QueueCore, Rejected};
+use crate::memory::MemoryMonitor;
 use crate::message::Message;
 
 /// Deliveries written to a connection's mailbox but not yet encoded, per channel. Bounds the
@@ -74,6 +79,14 @@ impl ChannelLimiter {
 #[derive(Debug)]
 pub enum ConnEvent {
     Deliver(Delivery),
+    /// A group commit covering these publishes finished (`ok` false: the fsync failed, so
+    /// they must be nacked). Each entry is (publish confirm tag, queue name).
+    Synced {
+        channel: ChannelKey,
+        channel_id: u16,
+        confirms: Vec<(u64, Arc<str>)>,
+        ok: bool,
+    },
     /// The queue was deleted: the consumer is gone (basic.cancel to capable clients).
     ConsumerCancelled {
         channel: ChannelKey,
@@ -163,12 +176,128 @@ impl Limits {
     }
 }
 
+/// Result of publishing into a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted,
+    /// Accepted and written to the queue's store: a publisher confirm must wait for the sync
+    /// of [`Queue::prepare_sync`].
+    Persisted,
+    /// A full queue with x-overflow reject-publish refused it: the publisher gets a nack.
+    Rejected,
+    /// The queue was deleted concurrently; the message went nowhere.
+    QueueGone,
+}
+
+/// A message as a queue holds it.
+///
+/// Persistent messages of durable queues live in the queue's store; the queue keeps the
+/// 12-byte location and, while memory allows, a cached copy for fast delivery.
+#[derive(Debug, Clone)]
+pub enum QMsg {
+    Mem(Arc<Message>),
+    Stored(MsgLocation, Option<Arc<Message>>),
+}
+
+impl QMsg {
+    fn size(&self) -> u64 {
+        match self {
+            QMsg::Mem(m) => m.body_size(),
+            QMsg::Stored(loc, _) => u64::from(loc.len),
+        }
+    }
+
+    fn location(&self) -> Option<MsgLocation> {
+        match self {
+            QMsg::Stored(loc, _) => Some(*loc),
+            QMsg::Mem(_) => None,
+        }
+    }
+}
+
+/// The answer to basic.get, with the message loaded.
+#[derive(Debug)]
+pub struct Got {
+    pub seq: MsgSeq,
+    pub msg: Arc<Message>,
+    pub redelivered: bool,
+    pub remaining: u32,
+}
+
 #[derive(Debug)]
 struct QueueState {
-    core: QueueCore<Arc<Message>>,
+    core: QueueCore<QMsg>,
     sinks: HashMap<ConsumerKey, ConsumerSink>,
     limiters: HashMap<ChannelKey, Arc<ChannelLimiter>>,
+    /// The message store of a durable queue.
+    store: Option<QueueStore>,
     deleted: bool,
+}
+
+impl QueueState {
+    /// Loads a message for delivery. None if its stored copy cannot be read (logged; the
+    /// message is then dropped from the store so it does not come back forever).
+    fn load(
+        &mut self,
+        msg: &QMsg,
+        memory: &Arc<MemoryMonitor>,
+        queue: &str,
+    ) -> Option<Arc<Message>> {
+        match msg {
+            QMsg::Mem(m) | QMsg::Stored(_, Some(m)) => Some(m.clone()),
+            QMsg::Stored(loc, None) => {
+                let store = self.store.as_mut()?;
+                let read = store
+                    .read(*loc)
+                    .map_err(|e| e.to_string())
+                    .and_then(|stored| {
+                        let body_size = stored.body.len() as u64;
+                        let header = ContentHeader::from_raw(60, body_size, stored.properties)
+                            .map_err(|e| e.reply_text())?;
+                        let charge = memory.charge(Message::footprint(
+                            &stored.exchange,
+                            &stored.routing_key,
+                            &header,
+                            &stored.body,
+                        ));
+                        Ok(Arc::new(Message {
+                            exchange: stored.exchange,
+                            routing_key: stored.routing_key,
+                            header,
+                            body: stored.body,
+                            charge,
+                        }))
+                    });
+                match read {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        error!(queue, error = %e, "cannot read a stored message; dropping it");
+                        let _ = store.ack(*loc);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands buffered store writes (acks, delivery marks) to the OS, so that they survive a
+    /// crash of the process (kill -9) even before the next fsync.
+    fn flush_store(&mut self, queue: &str) {
+        if let Some(store) = self.store.as_mut() {
+            if let Err(e) = store.flush() {
+                warn!(queue, error = %e, "cannot write out the queue's store");
+            }
+        }
+    }
+
+    /// The message left the queue for good (acked, consumed without ack, dropped, purged).
+    fn forget(&mut self, msg: &QMsg, queue: &str) {
+        if let (Some(loc), Some(store)) = (msg.location(), self.store.as_mut()) {
+            if let Err(e) = store.ack(loc) {
+                warn!(queue, error = %e, "cannot record an ack in the queue's store");
+            }
+        }
+    }
 }
 
 /// One queue, shared by every connection that uses it.
@@ -177,32 +306,39 @@ pub struct Queue {
     pub name: Arc<str>,
     pub vhost: Arc<str>,
     pub props: QueueProps,
+    memory: Arc<MemoryMonitor>,
     state: Mutex<QueueState>,
 }
 
-/// Result of publishing into a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Enqueued {
-    Accepted,
-    /// A full queue with x-overflow reject-publish refused it: the publisher gets a nack.
-    Rejected,
-    /// The queue was deleted concurrently; the message went nowhere.
-    QueueGone,
-}
-
 impl Queue {
-    pub fn new(name: Arc<str>, vhost: Arc<str>, props: QueueProps) -> Arc<Queue> {
+    pub fn new(
+        name: Arc<str>,
+        vhost: Arc<str>,
+        props: QueueProps,
+        memory: Arc<MemoryMonitor>,
+        store: Option<QueueStore>,
+    ) -> Arc<Queue> {
         Arc::new(Queue {
             name,
             vhost,
             props,
+            memory,
             state: Mutex::new(QueueState {
-                core: QueueCore::with_sizer(|m: &Arc<Message>| m.body_size()),
+                core: QueueCore::with_sizer(QMsg::size),
                 sinks: HashMap::new(),
                 limiters: HashMap::new(),
+                store,
                 deleted: false,
             }),
         })
+    }
+
+    /// Puts back the messages recovery found in the store, in publish order.
+    pub fn restore(&self, messages: &[RecoveredMessage]) {
+        let mut st = self.lock();
+        for m in messages {
+            st.core.enqueue(QMsg::Stored(m.loc, None), m.delivered);
+        }
     }
 
     /// The lock is never held across `.await` and never taken while holding another queue's.
@@ -210,6 +346,10 @@ impl Queue {
         // Every critical section leaves QueueState consistent before anything can panic, so
         // a poisoned lock still guards valid state.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_durable_store(&self) -> bool {
+        self.lock().store.is_some()
     }
 
     pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> Enqueued {
@@ -224,15 +364,55 @@ impl Queue {
                 return Enqueued::Rejected;
             }
         }
-        st.core.publish(msg);
+        let mut outcome = Enqueued::Accepted;
+        let entry = match st.store.as_mut() {
+            Some(store) if msg.is_persistent() => {
+                let stored = StoredMessage {
+                    flags: 0,
+                    exchange: &msg.exchange,
+                    routing_key: &msg.routing_key,
+                    properties: &msg.header.raw_properties,
+                    body: Body::Contiguous(&msg.body),
+                };
+                match store.append(&stored) {
+                    Ok(loc) => {
+                        outcome = Enqueued::Persisted;
+                        // Keep a copy in RAM only while memory is plentiful: the disk holds it.
+                        let cached = self.memory.may_cache().then_some(msg);
+                        QMsg::Stored(loc, cached)
+                    }
+                    Err(e) => {
+                        error!(queue = %self.name, error = %e, "cannot store a persistent message");
+                        return Enqueued::Rejected;
+                    }
+                }
+            }
+            _ => QMsg::Mem(msg),
+        };
+        st.core.publish(entry);
         self.dispatch_locked(&mut st);
         // drop-head: whatever no consumer took and does not fit goes, oldest first.
         while limits.over(st.core.message_count() as u64, st.core.ready_bytes()) {
-            if st.core.drop_head().is_none() {
-                break;
+            match st.core.drop_head() {
+                Some(dropped) => st.forget(&dropped, &self.name),
+                None => break,
             }
         }
-        Enqueued::Accepted
+        outcome
+    }
+
+    /// The files to fsync so that every message stored so far is durable (None if nothing).
+    pub fn prepare_sync(&self) -> Option<SyncHandle> {
+        let mut st = self.lock();
+        let store = st.store.as_mut()?;
+        match store.prepare_sync() {
+            Ok(handle) if !handle.is_empty() => Some(handle),
+            Ok(_) => None,
+            Err(e) => {
+                error!(queue = %self.name, error = %e, "cannot prepare a sync of the queue's store");
+                None
+            }
+        }
     }
 
     pub fn consume(
@@ -257,14 +437,45 @@ impl Queue {
         existed && self.props.auto_delete && !st.core.has_consumers()
     }
 
-    pub fn get(&self, channel: ChannelKey, no_ack: bool) -> Option<GetResult<Arc<Message>>> {
-        self.lock().core.get(channel, no_ack)
+    pub fn get(&self, channel: ChannelKey, no_ack: bool) -> Option<Got> {
+        let mut st = self.lock();
+        loop {
+            let got = st.core.get(channel, no_ack)?;
+            let Some(msg) = st.load(&got.msg, &self.memory, &self.name) else {
+                // Unreadable: already dropped from the store; forget it here too.
+                if !no_ack {
+                    st.core.ack(got.seq);
+                }
+                continue;
+            };
+            if no_ack {
+                st.forget(&got.msg, &self.name);
+            } else {
+                mark_delivered(&mut st, &got.msg);
+            }
+            if got.msg.location().is_some() {
+                st.flush_store(&self.name);
+            }
+            return Some(Got {
+                seq: got.seq,
+                msg,
+                redelivered: got.redelivered,
+                remaining: got.remaining,
+            });
+        }
     }
 
     pub fn ack(self: &Arc<Self>, seqs: &[MsgSeq]) {
         let mut st = self.lock();
+        let mut stored = false;
         for seq in seqs {
-            st.core.ack(*seq);
+            if let Some(msg) = st.core.ack(*seq) {
+                stored |= msg.location().is_some();
+                st.forget(&msg, &self.name);
+            }
+        }
+        if stored {
+            st.flush_store(&self.name);
         }
         self.dispatch_locked(&mut st);
     }
@@ -272,10 +483,15 @@ impl Queue {
     /// basic.reject / basic.nack. Dropped messages are discarded (dead-lettering comes later).
     pub fn reject(self: &Arc<Self>, seqs: &[MsgSeq], requeue: bool) {
         let mut st = self.lock();
+        let mut stored = false;
         for seq in seqs {
-            if let Some(Rejected::Dropped(_msg)) = st.core.reject(*seq, requeue) {
-                // Nowhere to dead-letter yet: the message is gone, as with no DLX in RabbitMQ.
+            if let Some(Rejected::Dropped(msg)) = st.core.reject(*seq, requeue) {
+                stored |= msg.location().is_some();
+                st.forget(&msg, &self.name);
             }
+        }
+        if stored {
+            st.flush_store(&self.name);
         }
         self.dispatch_locked(&mut st);
     }
@@ -309,30 +525,47 @@ impl Queue {
         if st.deleted {
             return;
         }
-        let QueueState {
-            core,
-            sinks,
-            limiters,
-            ..
-        } = st;
-        let mut has_credit = |ch: ChannelKey| {
-            limiters
-                .get(&ch)
-                .is_none_or(|limiter| limiter.try_acquire())
-        };
-        while let Some(d) = core.next_delivery(&mut has_credit) {
-            let Some(sink) = sinks.get(&d.consumer) else {
-                // Cannot happen (sinks mirror the consumer set); keep the message if it does.
-                core.requeue([d.seq]);
+        let mut touched_store = false;
+        loop {
+            let delivery = {
+                let QueueState { core, limiters, .. } = &mut *st;
+                let mut has_credit = |ch: ChannelKey| {
+                    limiters
+                        .get(&ch)
+                        .is_none_or(|limiter| limiter.try_acquire())
+                };
+                core.next_delivery(&mut has_credit)
+            };
+            let Some(d) = delivery else {
                 break;
             };
+            let Some(sink) = st.sinks.get(&d.consumer).cloned() else {
+                // Cannot happen (sinks mirror the consumer set); keep the message if it does.
+                st.core.requeue([d.seq]);
+                break;
+            };
+            let Some(msg) = st.load(&d.msg, &self.memory, &self.name) else {
+                // Unreadable and dropped from the store: give the credit back and go on.
+                if !d.no_ack {
+                    st.core.ack(d.seq);
+                }
+                sink.limiter.settled(1);
+                sink.limiter.written();
+                continue;
+            };
+            touched_store |= d.msg.location().is_some();
+            if d.no_ack {
+                st.forget(&d.msg, &self.name);
+            } else {
+                mark_delivered(st, &d.msg);
+            }
             let event = ConnEvent::Deliver(Delivery {
                 channel: d.consumer.channel,
                 channel_id: sink.channel_id,
                 tag: d.consumer.tag.clone(),
                 queue: self.clone(),
                 seq: d.seq,
-                msg: d.msg,
+                msg,
                 redelivered: d.redelivered,
                 no_ack: d.no_ack,
             });
@@ -340,10 +573,21 @@ impl Queue {
             // message through channel_closed, so nothing is lost here.
             let _ = sink.events.send(event);
         }
+        if touched_store {
+            st.flush_store(&self.name);
+        }
     }
 
     pub fn purge(&self) -> usize {
-        self.lock().core.purge().len()
+        let mut st = self.lock();
+        let purged = st.core.purge();
+        let locs: Vec<MsgLocation> = purged.iter().filter_map(QMsg::location).collect();
+        if let (false, Some(store)) = (locs.is_empty(), st.store.as_mut()) {
+            if let Err(e) = store.purge(&locs) {
+                warn!(queue = %self.name, error = %e, "cannot record a purge in the queue's store");
+            }
+        }
+        purged.len()
     }
 
     pub fn message_count(&self) -> u32 {
@@ -367,18 +611,40 @@ impl Queue {
         !self.lock().core.has_consumers()
     }
 
-    /// Marks the queue deleted and returns its consumers' sinks so they can be told.
-    /// Returns the number of ready messages it held.
+    /// Marks the queue deleted, deletes its store, and returns its consumers' sinks so they
+    /// can be told. Returns the number of ready messages it held.
     pub fn mark_deleted(&self) -> (u32, Vec<(ConsumerKey, ConsumerSink)>) {
         let mut st = self.lock();
         st.deleted = true;
         let count = u32::try_from(st.core.message_count()).unwrap_or(u32::MAX);
         let sinks = st.sinks.drain().collect();
         st.core.purge();
+        if let Some(store) = st.store.take() {
+            if let Err(e) = store.delete() {
+                warn!(queue = %self.name, error = %e, "cannot delete the queue's store");
+            }
+        }
         (count, sinks)
+    }
+
+    /// Writes out and fsyncs the store now (shutdown).
+    pub fn sync_now(&self) {
+        let mut st = self.lock();
+        if let Some(store) = st.store.as_mut() {
+            if let Err(e) = store.sync_now() {
+                error!(queue = %self.name, error = %e, "cannot sync the queue's store");
+            }
+        }
     }
 
     pub fn is_deleted(&self) -> bool {
         self.lock().deleted
+    }
+}
+
+/// Records that a stored message went out, so that after a restart it is redelivered=true.
+fn mark_delivered(st: &mut QueueState, msg: &QMsg) {
+    if let (Some(loc), Some(store)) = (msg.location(), st.store.as_mut()) {
+        let _ = store.mark_delivered(loc);
     }
 }
