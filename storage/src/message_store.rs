@@ -925,10 +925,23 @@ impl QueueStore {
     }
 
     /// Deletes the whole store (queue.delete). Also fine to call on a poisoned store.
-    pub fn delete(self) -> Result<()> {
+    pub fn delete(mut self) -> Result<()> {
+        // Nothing buffered is worth writing any more (see `Drop`).
+        self.poisoned = true;
         self.backend
             .remove_dir_all(&self.dir)
             .map_err(io_err(&self.dir))
+    }
+}
+
+impl Drop for QueueStore {
+    /// Hands buffered bytes to the OS (no fsync), so a clean shutdown that forgot to sync
+    /// loses nothing unless the machine also goes down. Errors cannot be reported here; the
+    /// next recovery copes with whatever reached the disk.
+    fn drop(&mut self) {
+        if !self.poisoned {
+            let _ = self.flush_inner();
+        }
     }
 }
 
@@ -945,6 +958,14 @@ mod tests {
         assert_eq!(parse_name("acks.00000000x7"), None);
         assert_eq!(parse_name("other"), None);
         assert_eq!(seg_name(7), "msgs.0000000007");
+    }
+
+    #[test]
+    fn store_can_move_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<QueueStore>();
+        assert_send_sync::<crate::Definitions>();
+        assert_send_sync::<crate::SyncService>();
     }
 
     #[test]

@@ -28,7 +28,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -200,6 +200,43 @@ fn ptr(f: &FileHandle) -> usize {
     Arc::as_ptr(f) as *const () as usize
 }
 
+/// Most fsyncs run at once within a batch. Concurrent fsyncs of different files share the file
+/// system's journal commit and the device cache flush (ext4/xfs batch them), so a batch of many
+/// queues costs about as much as one fsync instead of one per queue. They sleep in the kernel,
+/// so this costs threads, not cores.
+const MAX_PARALLEL_FSYNCS: usize = 32;
+
+/// fsyncs `files` with up to [`MAX_PARALLEL_FSYNCS`] threads; returns the failures by file.
+fn sync_all(files: &[FileHandle]) -> Vec<(usize, SyncError)> {
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(f) = files.get(i) else { return };
+        if let Err(e) = f.sync() {
+            tracing::error!(error = %e, file = ?f, "fsync failed");
+            failed.lock().unwrap_or_else(|p| p.into_inner()).push((
+                ptr(f),
+                SyncError {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                },
+            ));
+        }
+    };
+    let helpers = files.len().min(MAX_PARALLEL_FSYNCS).saturating_sub(1);
+    std::thread::scope(|scope| {
+        for _ in 0..helpers {
+            // If a helper cannot be spawned the remaining threads simply do more of the work.
+            let _ = std::thread::Builder::new()
+                .name("warren-fsync-helper".into())
+                .spawn_scoped(scope, work);
+        }
+        work();
+    });
+    failed.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
 fn run(shared: &Shared) {
     loop {
         let batch = {
@@ -214,28 +251,20 @@ fn run(shared: &Shared) {
         };
         // The same file is often in many requests (one queue, many publishers): sync it once.
         let mut seen = HashSet::new();
-        let mut failed: Vec<(usize, SyncError)> = Vec::new();
-        let mut fsyncs = 0;
+        let mut files = Vec::new();
         for (handle, _) in &batch {
             for f in &handle.files {
                 if seen.insert(ptr(f)) {
-                    fsyncs += 1;
-                    if let Err(e) = f.sync() {
-                        tracing::error!(error = %e, file = ?f, "fsync failed");
-                        failed.push((
-                            ptr(f),
-                            SyncError {
-                                kind: e.kind(),
-                                message: e.to_string(),
-                            },
-                        ));
-                    }
+                    files.push(Arc::clone(f));
                 }
             }
         }
+        let failed = sync_all(&files);
         let n = batch.len() as u64;
         shared.batches.fetch_add(1, Ordering::Relaxed);
-        shared.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
+        shared
+            .fsyncs
+            .fetch_add(files.len() as u64, Ordering::Relaxed);
         shared.max_batch.fetch_max(n, Ordering::Relaxed);
         for (handle, done) in batch {
             let err = handle

@@ -89,7 +89,7 @@ fn workload(
                 let id = next_id;
                 next_id += 1;
                 t.attempted.insert(id);
-                let loc = append_id(&mut store, id, 1 + (id % 5 == 0) as usize * 30)?;
+                let loc = append_id(&mut store, id, 1 + id.is_multiple_of(5) as usize * 30)?;
                 t.live.insert(id, loc);
                 t.pending_appends.push(id);
             }
