@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock};
 
 use crate::auth::Users;
 use crate::config::Config;
-use crate::memory::{total_memory, MemoryMonitor};
 use crate::persist::Persistence;
+use crate::resources::{total_memory, ResourceMonitor};
 use crate::vhost::VHost;
 use warren_storage::{DefChange, DefinitionSet, StorageError, VhostDef};
 
@@ -22,7 +22,7 @@ pub struct Broker {
     /// Source of globally unique ids (channel keys, consumer tags, queue names).
     next_id: AtomicU64,
     /// Memory held by messages; its alarm blocks publishers.
-    pub memory: Arc<MemoryMonitor>,
+    pub resources: Arc<ResourceMonitor>,
     /// Connections that completed connection.open-ok and are still open.
     open_connections: AtomicUsize,
     /// Durable state; None for a broker that keeps nothing on disk (unit tests).
@@ -50,7 +50,7 @@ impl Broker {
         users.add(&config.default_user, &config.default_pass, loopback_only);
         // Without /proc/meminfo, assume a small machine rather than disabling the alarm.
         let total = total_memory().unwrap_or(1 << 30);
-        let memory = MemoryMonitor::new(config.memory_high_watermark.bytes(total));
+        let memory = ResourceMonitor::new(config.memory_high_watermark.bytes(total));
         let mut vhosts = HashMap::new();
         vhosts.insert(
             config.default_vhost.clone(),
@@ -61,7 +61,7 @@ impl Broker {
             )),
         );
         Arc::new(Broker {
-            memory,
+            resources: memory,
             config,
             users,
             vhosts: RwLock::new(vhosts),
@@ -78,7 +78,7 @@ impl Broker {
                 vhosts.entry(name.clone()).or_insert_with(|| {
                     Arc::new(VHost::new(
                         name,
-                        self.memory.clone(),
+                        self.resources.clone(),
                         Some(persistence.clone()),
                     ))
                 });

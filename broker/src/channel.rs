@@ -22,11 +22,11 @@ use crate::confirms::{ConfirmFrame, ConfirmTracker};
 use crate::connection::{short_string, ClientCapabilities};
 use crate::error::{code, resource, AmqpError};
 use crate::exchange::{Destination, RouteSet};
-use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
 use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, Queue};
+use crate::resources::ResourceMonitor;
 use crate::vhost::{check_exclusive, QueueDeclare, VHost};
 
 /// What a channel needs from its connection while handling one command.
@@ -41,7 +41,7 @@ pub struct ConnCtx<'a> {
     /// Exclusive queues declared by this connection, deleted when it closes.
     pub exclusive_queues: &'a mut Vec<Arc<str>>,
     pub next_id: &'a dyn Fn() -> u64,
-    pub memory: &'a Arc<MemoryMonitor>,
+    pub resources: &'a Arc<ResourceMonitor>,
 }
 
 /// A delivery the client has not settled yet.
@@ -673,7 +673,7 @@ impl Channel {
         let result = routed.map(|()| {
             // Queued messages get their own allocations: frame slices would pin whole read
             // buffers for as long as the message waits.
-            let charge = ctx.memory.charge(Message::footprint(
+            let charge = ctx.resources.charge(Message::footprint(
                 &p.exchange,
                 &routing_key,
                 &header,

@@ -69,6 +69,9 @@ pub struct Config {
     pub log: String,
     /// When messages held in memory reach this, publishing connections are blocked.
     pub memory_high_watermark: Watermark,
+    /// When free space on the data directory's file system falls below this many bytes,
+    /// publishing connections are blocked (RabbitMQ's `disk_free_limit`).
+    pub disk_free_limit: u64,
 }
 
 /// RabbitMQ's `vm_memory_high_watermark`: a fraction of RAM or an absolute byte count.
@@ -107,6 +110,7 @@ impl Default for Config {
             loopback_users: vec!["guest".into()],
             log: "info".into(),
             memory_high_watermark: Watermark::Relative(0.4),
+            disk_free_limit: 50 * 1024 * 1024,
         }
     }
 }
@@ -151,6 +155,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ("loopback_users", &["WARREN_LOOPBACK_USERS"]),
     ("log", &["WARREN_LOG", "RUST_LOG"]),
     ("memory_high_watermark", &["WARREN_MEMORY_HIGH_WATERMARK"]),
+    ("disk_free_limit", &["WARREN_DISK_FREE_LIMIT"]),
 ];
 
 impl Config {
@@ -290,6 +295,10 @@ impl Config {
                 } else {
                     return Err(invalid(reason));
                 };
+            }
+            "disk_free_limit" => {
+                let v = integer(&value, 0, i64::MAX).map_err(|r| invalid(&r))?;
+                self.disk_free_limit = u64::try_from(v).map_err(|_| invalid("out of range"))?;
             }
             "loopback_users" => {
                 self.loopback_users =

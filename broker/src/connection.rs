@@ -376,7 +376,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let tick = heartbeat / 2;
         let mut next_tick = Instant::now() + tick;
         self.last_recv = Instant::now();
-        let memory = self.broker.memory.clone();
+        let memory = self.broker.resources.clone();
         loop {
             // The memory alarm holds back publishing connections by not reading from them.
             let paused = self.publisher && memory.is_alarmed();
@@ -669,7 +669,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
             next_id: &next_id,
-            memory: &broker.memory,
+            resources: &broker.resources,
         };
         ch.handle(&mut ctx, command)
     }
@@ -686,9 +686,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         self.blocked_sent = paused;
         let method = if paused {
-            warn!("memory alarm: blocking publishing connection");
+            let reason = if self.broker.resources.disk_alarm() {
+                "low on disk"
+            } else {
+                "low on memory"
+            };
+            warn!(reason, "resource alarm: blocking publishing connection");
             connection::AMQPMethod::Blocked(connection::Blocked {
-                reason: short_string("low on memory"),
+                reason: short_string(reason),
             })
         } else {
             connection::AMQPMethod::Unblocked(connection::Unblocked {})
@@ -747,7 +752,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
             next_id: &next_id,
-            memory: &broker.memory,
+            resources: &broker.resources,
         };
         match event {
             ConnEvent::Deliver(d) => ch.deliver(&mut ctx, d),

@@ -56,6 +56,9 @@ struct Cli {
     /// Memory for messages before publishers are blocked: a fraction of RAM or bytes.
     #[arg(long)]
     memory_high_watermark: Option<String>,
+    /// Free disk space (bytes) below which publishers are blocked.
+    #[arg(long)]
+    disk_free_limit: Option<String>,
     /// Log filter, e.g. `info` or `warren_broker=debug`.
     #[arg(long)]
     log: Option<String>,
@@ -132,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ("loopback_users", &cli.loopback_users),
         ("log", &cli.log),
         ("memory_high_watermark", &cli.memory_high_watermark),
+        ("disk_free_limit", &cli.disk_free_limit),
     ];
     for (key, value) in optional {
         if let Some(v) = value {

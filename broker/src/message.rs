@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use warren_protocol::ContentHeader;
 
-use crate::memory::MemoryCharge;
+use crate::resources::MemoryCharge;
 
 /// One published message. Immutable once routed: every queue it reaches shares the same `Arc`.
 #[derive(Debug)]

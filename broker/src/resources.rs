@@ -1,26 +1,30 @@
-//! Accounting of the memory held by messages and the high-watermark alarm that makes
-//! publishing connections stop reading (TCP backpressure), like RabbitMQ's memory alarm.
+//! Resource alarms, as RabbitMQ has them: the memory held by messages against a high
+//! watermark, and free disk space against a limit. While either alarm is on, publishing
+//! connections stop reading (TCP backpressure) and capable clients get connection.blocked.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-/// Broker-wide message memory. Invariant: `used` is the sum of the sizes of every live
-/// [`MemoryCharge`]; the alarm is on exactly while `used >= high`.
+/// Broker-wide resource state. Invariants: `used` is the sum of the sizes of every live
+/// [`MemoryCharge`]; the memory alarm is on exactly while `used >= high`; the disk alarm is
+/// whatever the disk watcher last set.
 #[derive(Debug)]
-pub struct MemoryMonitor {
+pub struct ResourceMonitor {
     used: AtomicU64,
     high: u64,
+    disk_alarm: AtomicBool,
     unblocked: Notify,
 }
 
-impl MemoryMonitor {
+impl ResourceMonitor {
     /// `high` in bytes; 0 disables the alarm.
-    pub fn new(high: u64) -> Arc<MemoryMonitor> {
-        Arc::new(MemoryMonitor {
+    pub fn new(high: u64) -> Arc<ResourceMonitor> {
+        Arc::new(ResourceMonitor {
             used: AtomicU64::new(0),
             high,
+            disk_alarm: AtomicBool::new(false),
             unblocked: Notify::new(),
         })
     }
@@ -55,9 +59,25 @@ impl MemoryMonitor {
         self.high == 0 || self.used() < self.high / 2
     }
 
-    /// True while publishers must be held back.
+    /// True while publishers must be held back (memory or disk alarm).
     pub fn is_alarmed(&self) -> bool {
+        self.memory_alarm() || self.disk_alarm.load(Ordering::Relaxed)
+    }
+
+    pub fn memory_alarm(&self) -> bool {
         self.high != 0 && self.used() >= self.high
+    }
+
+    pub fn disk_alarm(&self) -> bool {
+        self.disk_alarm.load(Ordering::Relaxed)
+    }
+
+    /// Set by the disk watcher from the free space of the data directory's file system.
+    pub fn set_disk_alarm(&self, on: bool) {
+        let was = self.disk_alarm.swap(on, Ordering::Relaxed);
+        if was && !on {
+            self.unblocked.notify_waiters();
+        }
     }
 
     /// Resolves once the alarm is off (immediately if it is off now).
@@ -78,12 +98,12 @@ impl MemoryMonitor {
 /// Memory held by one message; released when the message is dropped everywhere.
 #[derive(Debug)]
 pub struct MemoryCharge {
-    monitor: Arc<MemoryMonitor>,
+    monitor: Arc<ResourceMonitor>,
     bytes: u64,
 }
 
 impl MemoryCharge {
-    pub fn monitor(&self) -> &Arc<MemoryMonitor> {
+    pub fn monitor(&self) -> &Arc<ResourceMonitor> {
         &self.monitor
     }
 }
@@ -110,7 +130,7 @@ mod tests {
 
     #[test]
     fn charges_add_up_and_release_on_drop() {
-        let m = MemoryMonitor::new(100);
+        let m = ResourceMonitor::new(100);
         let a = m.charge(60);
         assert!(!m.is_alarmed());
         let b = m.charge(40);
@@ -123,15 +143,24 @@ mod tests {
     }
 
     #[test]
+    fn disk_alarm_blocks_until_cleared() {
+        let m = ResourceMonitor::new(0);
+        m.set_disk_alarm(true);
+        assert!(m.is_alarmed() && m.disk_alarm() && !m.memory_alarm());
+        m.set_disk_alarm(false);
+        assert!(!m.is_alarmed());
+    }
+
+    #[test]
     fn zero_disables_the_alarm() {
-        let m = MemoryMonitor::new(0);
+        let m = ResourceMonitor::new(0);
         let _c = m.charge(u64::MAX / 2);
         assert!(!m.is_alarmed());
     }
 
     #[tokio::test]
     async fn waiters_wake_when_the_alarm_clears() {
-        let m = MemoryMonitor::new(10);
+        let m = ResourceMonitor::new(10);
         let c = m.charge(10);
         let waiter = {
             let m = m.clone();

@@ -74,6 +74,7 @@ impl Server {
         }
         drop(done_tx);
         let syncer = tokio::spawn(sync_periodically(self.broker.clone()));
+        let disk_watcher = tokio::spawn(watch_disk(self.broker.clone()));
         stop.await;
         info!(
             connections = self.broker.open_connections(),
@@ -87,6 +88,7 @@ impl Server {
             warn!("some connections did not close in time");
         }
         syncer.abort();
+        disk_watcher.abort();
         // Everything written so far becomes durable before the process exits.
         let broker = self.broker.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -118,6 +120,40 @@ async fn sync_periodically(broker: Arc<Broker>) {
                     persistence.sync.request(handle, |_| {});
                 }
             }
+        }
+    }
+}
+
+/// How often free disk space is checked against `disk_free_limit`.
+const DISK_CHECK: Duration = Duration::from_secs(1);
+
+/// Raises and clears the disk alarm from the free space of the data directory.
+async fn watch_disk(broker: Arc<Broker>) {
+    let limit = broker.config.disk_free_limit;
+    if limit == 0 {
+        return;
+    }
+    let dir = broker.config.data_dir.clone();
+    let mut tick = tokio::time::interval(DISK_CHECK);
+    loop {
+        tick.tick().await;
+        match warren_storage::free_bytes(&dir) {
+            Ok(free) => {
+                let low = free < limit;
+                if low != broker.resources.disk_alarm() {
+                    if low {
+                        warn!(
+                            free,
+                            limit,
+                            "disk alarm: free disk space below the limit, blocking publishers"
+                        );
+                    } else {
+                        info!(free, limit, "disk alarm cleared");
+                    }
+                }
+                broker.resources.set_disk_alarm(low);
+            }
+            Err(e) => warn!(error = %e, dir = %dir.display(), "cannot read free disk space"),
         }
     }
 }

@@ -14,9 +14,9 @@ use warren_storage::{BindingDef, DefChange, ExchangeDef, QueueDef};
 
 use crate::error::{resource, AmqpError};
 use crate::exchange::{DeclareOutcome, Destination, Removed, RouteSet, Topology};
-use crate::memory::MemoryMonitor;
 use crate::persist::Persistence;
 use crate::queue::handle::{ConnEvent, Queue, QueueProps};
+use crate::resources::ResourceMonitor;
 
 /// queue.declare arguments as the vhost needs them.
 #[derive(Debug)]
@@ -38,7 +38,7 @@ pub struct VHost {
     pub name: Arc<str>,
     topology: RwLock<Topology>,
     queues: RwLock<HashMap<Arc<str>, Arc<Queue>>>,
-    memory: Arc<MemoryMonitor>,
+    memory: Arc<ResourceMonitor>,
     /// Where durable definitions and messages go; None for a broker without a data dir.
     persistence: Option<Arc<Persistence>>,
 }
@@ -46,7 +46,7 @@ pub struct VHost {
 impl VHost {
     pub fn new(
         name: &str,
-        memory: Arc<MemoryMonitor>,
+        memory: Arc<ResourceMonitor>,
         persistence: Option<Arc<Persistence>>,
     ) -> VHost {
         VHost {

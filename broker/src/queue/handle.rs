@@ -20,8 +20,8 @@ use warren_storage::{Body, MsgLocation, QueueStore, RecoveredMessage, StoredMess
 
 use super::consumers::{ChannelKey, ConsumeError, ConsumerKey, ConsumerSpec};
 use super::core::{ClosedOutcome, MsgSeq, QueueCore, Rejected};
-use crate::memory::MemoryMonitor;
 use crate::message::Message;
+use crate::resources::ResourceMonitor;
 
 /// Deliveries written to a connection's mailbox but not yet encoded, per channel. Bounds the
 /// memory a fast queue can push at a slow connection (no-ack consumers have no prefetch).
@@ -240,7 +240,7 @@ impl QueueState {
     fn load(
         &mut self,
         msg: &QMsg,
-        memory: &Arc<MemoryMonitor>,
+        memory: &Arc<ResourceMonitor>,
         queue: &str,
     ) -> Option<Arc<Message>> {
         match msg {
@@ -306,7 +306,7 @@ pub struct Queue {
     pub name: Arc<str>,
     pub vhost: Arc<str>,
     pub props: QueueProps,
-    memory: Arc<MemoryMonitor>,
+    memory: Arc<ResourceMonitor>,
     state: Mutex<QueueState>,
 }
 
@@ -315,7 +315,7 @@ impl Queue {
         name: Arc<str>,
         vhost: Arc<str>,
         props: QueueProps,
-        memory: Arc<MemoryMonitor>,
+        memory: Arc<ResourceMonitor>,
         store: Option<QueueStore>,
     ) -> Arc<Queue> {
         Arc::new(Queue {
