@@ -213,7 +213,8 @@ def test_invalid_consumer_priority_is_406(s):
     q = declare_queue(s.ch, exclusive=True)
     expect_channel_error(
         lambda: s.ch.basic_consume(q, lambda *a: None, arguments={"x-priority": "high"}),
-        406, "PRECONDITION_FAILED - invalid arg 'x-priority'")
+        406, f"PRECONDITION_FAILED - invalid arg 'x-priority' for {resource('queue', q)}: "
+             f"\"expected integer, got longstr\"")
 
 
 # ---- round robin -----------------------------------------------------------------------------

@@ -122,6 +122,29 @@ def test_invalid_queue_argument_is_406(s):
         f"PRECONDITION_FAILED - invalid arg 'x-max-length' for {resource('queue', q)}")
 
 
+INVALID_ARGS = [
+    ("x-max-length", -1, "invalid arg 'x-max-length' for {q}: {{value_negative,-1}}"),
+    ("x-max-length", "ten", "invalid arg 'x-max-length' for {q}: \"expected integer, got "
+                            "longstr\""),
+    ("x-message-ttl", -5, "invalid arg 'x-message-ttl' for {q}: {{value_negative,-5}}"),
+    ("x-expires", 0, "invalid arg 'x-expires' for {q}: {{value_zero,0}}"),
+    ("x-overflow", "bogus", "invalid arg 'x-overflow' for {q}: invalid_overflow"),
+    ("x-max-priority", 300, "invalid arg 'x-max-priority' for {q}: {{max_value_exceeded,300}}"),
+    ("x-dead-letter-exchange", 5, "invalid type 'signedint' for arg 'x-dead-letter-exchange' "
+                                  "in {q}"),
+]
+
+
+@pytest.mark.parametrize("arg,value,text", INVALID_ARGS,
+                         ids=[f"{a}={v!r}" for a, v, _ in INVALID_ARGS])
+def test_invalid_queue_argument_full_text(s, arg, value, text):
+    q = uniq("q")
+    expected = "PRECONDITION_FAILED - " + text.format(q=resource("queue", q))
+    e = expect_channel_error(lambda: s.ch.queue_declare(q, arguments={arg: value}), 406,
+                             expected[:60])
+    assert e.reply_text == expected
+
+
 def test_amq_prefixed_queue_name_is_403(s):
     q = uniq("amq.custom")
     expect_channel_error(lambda: s.ch.queue_declare(q), 403,
@@ -152,6 +175,22 @@ def test_exclusive_queue_is_locked_to_other_connections(s, session_factory, op):
     # the owner still uses it
     s.ch.basic_publish("", q, b"mine")
     assert get_all(s.ch, q) == [b"mine"]
+
+
+def test_exclusive_queue_unbind_from_other_connection(s, session_factory):
+    # RabbitMQ looks the binding up first: removing a binding that does not exist succeeds
+    # even on another connection's exclusive queue; removing one that exists is 405.
+    q = declare_queue(s.ch, exclusive=True)
+    x = uniq("x")
+    s.ch.exchange_declare(x, "fanout")
+    other = session_factory()
+    other.ch.queue_unbind(q, x, routing_key="never-bound")
+    s.ch.queue_bind(q, x, routing_key="k")
+    expect_channel_error(lambda: other.ch.queue_unbind(q, x, routing_key="k"), 405, _locked(q))
+    s.ch.basic_publish(x, "", b"still bound")
+    s.ch.queue_declare(q, passive=True)
+    assert get_all(s.ch, q) == [b"still bound"]
+    s.ch.exchange_delete(x)
 
 
 def test_exclusive_queue_usable_from_other_channels_of_its_connection(s):
