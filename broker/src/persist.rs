@@ -32,6 +32,14 @@ impl Persistence {
     /// Opens (or creates) the data directory and returns the recorded definitions.
     pub fn open(root: &Path) -> Result<(Arc<Persistence>, DefinitionSet), StorageError> {
         let backend: Arc<dyn Backend> = Arc::new(FsBackend);
+        // Spilled transient messages never survive a restart.
+        let spill = root.join("spill");
+        backend
+            .remove_dir_all(&spill)
+            .map_err(|e| StorageError::Io {
+                path: spill.clone(),
+                source: e,
+            })?;
         let definitions = Definitions::open(backend.clone(), &root.join("definitions"))?;
         let state = definitions.state().clone();
         let sync = SyncService::start().map_err(|e| StorageError::Io {
@@ -99,6 +107,21 @@ impl Persistence {
             "recovered durable queue"
         );
         Ok(recovered)
+    }
+
+    /// A spill file for transient messages a queue cannot keep in memory. Never synced, and
+    /// wiped at boot.
+    pub fn create_spill(&self, vhost: &str, name: &str) -> Result<QueueStore, StorageError> {
+        let dir = self.queue_dir(vhost, name);
+        let leaf = dir
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        QueueStore::create(
+            self.backend.clone(),
+            &self.root.join("spill").join(leaf),
+            StoreConfig::default(),
+        )
     }
 
     /// Removes the store directory of a deleted queue.

@@ -120,6 +120,7 @@ impl VHost {
             self.name.clone(),
             props,
             self.memory.clone(),
+            self.persistence.clone(),
             Some(recovered.store),
         );
         queue.restore(&recovered.messages);
@@ -352,6 +353,7 @@ impl VHost {
             self.name.clone(),
             props,
             self.memory.clone(),
+            self.persistence.clone(),
             store,
         );
         queues.insert(d.name.clone(), queue.clone());

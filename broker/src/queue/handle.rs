@@ -21,6 +21,7 @@ use warren_storage::{Body, MsgLocation, QueueStore, RecoveredMessage, StoredMess
 use super::consumers::{ChannelKey, ConsumeError, ConsumerKey, ConsumerSpec};
 use super::core::{ClosedOutcome, MsgSeq, QueueCore, Rejected};
 use crate::message::Message;
+use crate::persist::Persistence;
 use crate::resources::ResourceMonitor;
 
 /// Deliveries written to a connection's mailbox but not yet encoded, per channel. Bounds the
@@ -197,20 +198,23 @@ pub enum Enqueued {
 pub enum QMsg {
     Mem(Arc<Message>),
     Stored(MsgLocation, Option<Arc<Message>>),
+    /// A transient message paged out to the queue's spill file because memory ran short.
+    Spilled(MsgLocation),
 }
 
 impl QMsg {
     fn size(&self) -> u64 {
         match self {
             QMsg::Mem(m) => m.body_size(),
-            QMsg::Stored(loc, _) => u64::from(loc.len),
+            QMsg::Stored(loc, _) | QMsg::Spilled(loc) => u64::from(loc.len),
         }
     }
 
+    /// Location in the durable store.
     fn location(&self) -> Option<MsgLocation> {
         match self {
             QMsg::Stored(loc, _) => Some(*loc),
-            QMsg::Mem(_) => None,
+            QMsg::Mem(_) | QMsg::Spilled(_) => None,
         }
     }
 }
@@ -231,6 +235,8 @@ struct QueueState {
     limiters: HashMap<ChannelKey, Arc<ChannelLimiter>>,
     /// The message store of a durable queue.
     store: Option<QueueStore>,
+    /// Where transient messages go when memory runs short; created on first use.
+    spill: Option<QueueStore>,
     deleted: bool,
 }
 
@@ -245,8 +251,11 @@ impl QueueState {
     ) -> Option<Arc<Message>> {
         match msg {
             QMsg::Mem(m) | QMsg::Stored(_, Some(m)) => Some(m.clone()),
-            QMsg::Stored(loc, None) => {
-                let store = self.store.as_mut()?;
+            QMsg::Stored(loc, None) | QMsg::Spilled(loc) => {
+                let store = match msg {
+                    QMsg::Spilled(_) => self.spill.as_mut()?,
+                    _ => self.store.as_mut()?,
+                };
                 let read = store
                     .read(*loc)
                     .map_err(|e| e.to_string())
@@ -292,9 +301,50 @@ impl QueueState {
 
     /// The message left the queue for good (acked, consumed without ack, dropped, purged).
     fn forget(&mut self, msg: &QMsg, queue: &str) {
-        if let (Some(loc), Some(store)) = (msg.location(), self.store.as_mut()) {
+        let (loc, store) = match msg {
+            QMsg::Stored(loc, _) => (*loc, self.store.as_mut()),
+            QMsg::Spilled(loc) => (*loc, self.spill.as_mut()),
+            QMsg::Mem(_) => return,
+        };
+        if let Some(store) = store {
             if let Err(e) = store.ack(loc) {
                 warn!(queue, error = %e, "cannot record an ack in the queue's store");
+            }
+        }
+    }
+
+    /// Pages a transient message out to the spill file (created on first use). Falls back to
+    /// keeping it in memory if the spill file cannot be written.
+    fn spill(
+        &mut self,
+        msg: Arc<Message>,
+        persistence: Option<&Arc<Persistence>>,
+        vhost: &str,
+        queue: &str,
+    ) -> QMsg {
+        if self.spill.is_none() {
+            if let Some(p) = persistence {
+                match p.create_spill(vhost, queue) {
+                    Ok(store) => self.spill = Some(store),
+                    Err(e) => warn!(queue, error = %e, "cannot create a spill file"),
+                }
+            }
+        }
+        let Some(spill) = self.spill.as_mut() else {
+            return QMsg::Mem(msg);
+        };
+        let stored = StoredMessage {
+            flags: 0,
+            exchange: &msg.exchange,
+            routing_key: &msg.routing_key,
+            properties: &msg.header.raw_properties,
+            body: Body::Contiguous(&msg.body),
+        };
+        match spill.append(&stored) {
+            Ok(loc) => QMsg::Spilled(loc),
+            Err(e) => {
+                warn!(queue, error = %e, "cannot spill a message; keeping it in memory");
+                QMsg::Mem(msg)
             }
         }
     }
@@ -307,6 +357,8 @@ pub struct Queue {
     pub vhost: Arc<str>,
     pub props: QueueProps,
     memory: Arc<ResourceMonitor>,
+    /// For the spill file; None when the broker has no data directory.
+    persistence: Option<Arc<Persistence>>,
     state: Mutex<QueueState>,
 }
 
@@ -316,6 +368,7 @@ impl Queue {
         vhost: Arc<str>,
         props: QueueProps,
         memory: Arc<ResourceMonitor>,
+        persistence: Option<Arc<Persistence>>,
         store: Option<QueueStore>,
     ) -> Arc<Queue> {
         Arc::new(Queue {
@@ -323,11 +376,13 @@ impl Queue {
             vhost,
             props,
             memory,
+            persistence,
             state: Mutex::new(QueueState {
                 core: QueueCore::with_sizer(QMsg::size),
                 sinks: HashMap::new(),
                 limiters: HashMap::new(),
                 store,
+                spill: None,
                 deleted: false,
             }),
         })
@@ -386,6 +441,11 @@ impl Queue {
                         return Enqueued::Rejected;
                     }
                 }
+            }
+            // Memory is short: transient messages go to disk too, so the queue can hold far
+            // more than RAM; the spill file is never synced and is wiped at boot.
+            _ if !self.memory.may_cache() && self.persistence.is_some() => {
+                st.spill(msg, self.persistence.as_ref(), &self.vhost, &self.name)
             }
             _ => QMsg::Mem(msg),
         };
@@ -581,6 +641,16 @@ impl Queue {
     pub fn purge(&self) -> usize {
         let mut st = self.lock();
         let purged = st.core.purge();
+        let spilled: Vec<MsgLocation> = purged
+            .iter()
+            .filter_map(|m| match m {
+                QMsg::Spilled(loc) => Some(*loc),
+                _ => None,
+            })
+            .collect();
+        if let (false, Some(spill)) = (spilled.is_empty(), st.spill.as_mut()) {
+            let _ = spill.purge(&spilled);
+        }
         let locs: Vec<MsgLocation> = purged.iter().filter_map(QMsg::location).collect();
         if let (false, Some(store)) = (locs.is_empty(), st.store.as_mut()) {
             if let Err(e) = store.purge(&locs) {
@@ -619,7 +689,7 @@ impl Queue {
         let count = u32::try_from(st.core.message_count()).unwrap_or(u32::MAX);
         let sinks = st.sinks.drain().collect();
         st.core.purge();
-        if let Some(store) = st.store.take() {
+        for store in [st.store.take(), st.spill.take()].into_iter().flatten() {
             if let Err(e) = store.delete() {
                 warn!(queue = %self.name, error = %e, "cannot delete the queue's store");
             }
