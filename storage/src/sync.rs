@@ -272,7 +272,11 @@ fn run(shared: &Shared) {
                 .iter()
                 .find_map(|f| failed.iter().find(|(p, _)| *p == ptr(f)))
                 .map(|(_, e)| e.clone());
-            done(err.map_or(Ok(()), Err));
+            // A panicking completion must not kill the thread every other queue relies on.
+            let result = err.map_or(Ok(()), Err);
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result))).is_err() {
+                tracing::error!("a sync completion panicked");
+            }
         }
         shared.requests.fetch_add(n, Ordering::Relaxed);
     }

@@ -120,3 +120,16 @@ fn shutdown_completes_pending_requests() {
     svc.shutdown();
     assert_eq!(rx.try_iter().filter(|r| r.is_ok()).count(), 10);
 }
+
+#[test]
+fn a_panicking_completion_does_not_stop_the_service() {
+    let disk = SimBackend::new();
+    let svc = SyncService::start().unwrap();
+    let mut s = QueueStore::create(disk.shared(), "/q".as_ref(), StoreConfig::default()).unwrap();
+    append_id(&mut s, 1, 1).unwrap();
+    svc.request(s.prepare_sync().unwrap(), |_| panic!("completion bug"));
+    let (tx, rx) = mpsc::channel();
+    append_id(&mut s, 2, 1).unwrap();
+    svc.request(s.prepare_sync().unwrap(), move |r| tx.send(r).unwrap());
+    assert!(rx.recv().unwrap().is_ok());
+}

@@ -571,8 +571,10 @@ impl StorageFile for SimFile {
         match &self.target {
             Target::File(ino) => {
                 if let Some(inode) = st.inodes.get_mut(ino) {
-                    inode.synced = inode.current.clone();
-                    inode.pending.clear();
+                    // Replaying the pending ops costs what was written, not the file size.
+                    for op in std::mem::take(&mut inode.pending) {
+                        apply_file_op(&mut inode.synced, &op);
+                    }
                 }
             }
             Target::Dir(path) => {
