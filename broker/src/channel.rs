@@ -18,6 +18,7 @@ use warren_protocol::{
     Content, ContentHeader, Method,
 };
 
+use crate::broker::Broker;
 use crate::confirms::{ConfirmFrame, ConfirmTracker};
 use crate::connection::{short_string, ClientCapabilities};
 use crate::error::{code, resource, AmqpError};
@@ -26,7 +27,6 @@ use crate::message::Message;
 use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
 use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, Queue};
-use crate::resources::ResourceMonitor;
 use crate::vhost::{check_exclusive, QueueDeclare, VHost};
 
 /// What a channel needs from its connection while handling one command.
@@ -40,8 +40,7 @@ pub struct ConnCtx<'a> {
     pub events: &'a mpsc::UnboundedSender<ConnEvent>,
     /// Exclusive queues declared by this connection, deleted when it closes.
     pub exclusive_queues: &'a mut Vec<Arc<str>>,
-    pub next_id: &'a dyn Fn() -> u64,
-    pub resources: &'a Arc<ResourceMonitor>,
+    pub broker: &'a Broker,
 }
 
 /// A delivery the client has not settled yet.
@@ -673,7 +672,7 @@ impl Channel {
         let result = routed.map(|()| {
             // Queued messages get their own allocations: frame slices would pin whole read
             // buffers for as long as the message waits.
-            let charge = ctx.resources.charge(Message::footprint(
+            let charge = ctx.broker.resources.charge(Message::footprint(
                 &p.exchange,
                 &routing_key,
                 &header,
@@ -1042,7 +1041,7 @@ pub fn int_value(v: &AMQPValue) -> Option<i64> {
 /// 22 url-safe base64 characters of randomness, as in RabbitMQ's `amq.gen-` / `amq.ctag-`.
 fn random_suffix(ctx: &ConnCtx<'_>) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bits: u128 = rand::random::<u128>() ^ u128::from((ctx.next_id)());
+    let mut bits: u128 = rand::random::<u128>() ^ u128::from(ctx.broker.next_id());
     let mut out = String::with_capacity(22);
     for _ in 0..22 {
         out.push(char::from(ALPHABET[(bits & 63) as usize]));

@@ -657,8 +657,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let Some(ChannelSlot::Open(ch)) = self.channels.get_mut(&channel_id) else {
             return Err(AmqpError::channel_error("expected 'channel.open'"));
         };
-        let broker = &self.broker;
-        let next_id = || broker.next_id();
         let mut ctx = ConnCtx {
             vhost: &session.vhost,
             conn_id: self.id,
@@ -668,8 +666,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             out: &mut self.wbuf,
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
-            next_id: &next_id,
-            resources: &broker.resources,
+            broker: &self.broker,
         };
         ch.handle(&mut ctx, command)
     }
@@ -740,8 +737,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if ch.key != key {
             return;
         }
-        let broker = &self.broker;
-        let next_id = || broker.next_id();
         let mut ctx = ConnCtx {
             vhost: &session.vhost,
             conn_id: self.id,
@@ -751,8 +746,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             out: &mut self.wbuf,
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
-            next_id: &next_id,
-            resources: &broker.resources,
+            broker: &self.broker,
         };
         match event {
             ConnEvent::Deliver(d) => ch.deliver(&mut ctx, d),
