@@ -78,15 +78,22 @@ def test_prefetch_limits_unacked(amqp):
                 held.append(m)
 
             await q.consume(hold)
-            await asyncio.sleep(0.5)
+
+            async def until(n):
+                for _ in range(100):
+                    if len(held) >= n:
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # and nothing more arrives
+                return len(held)
+
+            assert await until(3) == 3
             assert [m.body for m in held] == [b"0", b"1", b"2"]
             await held[0].ack()
-            await asyncio.sleep(0.3)
-            assert len(held) == 4
+            assert await until(4) == 4
             for m in held[1:]:
                 await m.ack()
-            await asyncio.sleep(0.3)
-            assert len(held) == 7
+            assert await until(7) == 7
     run(main())
 
 

@@ -279,6 +279,36 @@ def test_user_id_must_match_login(s):
                                        "'mallory' but authenticated user was 'guest'")
 
 
+BAD_EXPIRATIONS = [
+    ("-1", "{value_negative,-1}"),
+    ("abc", "no_integer"),
+    ("1.5", '{leftover_string,".5"}'),
+    ("", "no_integer"),
+]
+
+
+@pytest.mark.parametrize("expiration,why", BAD_EXPIRATIONS, ids=[e for e, _ in BAD_EXPIRATIONS])
+def test_invalid_expiration_is_406(s, expiration, why):
+    q = declare_queue(s.ch, exclusive=True)
+
+    def publish():
+        s.ch.basic_publish("", q, b"x", pika.BasicProperties(expiration=expiration))
+        sync(s.ch)
+
+    e = expect_channel_error(publish, 406, f"PRECONDITION_FAILED - invalid expiration "
+                                           f"'{expiration}'")
+    assert e.reply_text == f"PRECONDITION_FAILED - invalid expiration '{expiration}': {why}"
+
+
+def test_valid_expiration_passes_through(s):
+    q = declare_queue(s.ch, exclusive=True)
+    s.ch.basic_publish("", q, b"x", pika.BasicProperties(expiration="0"))
+    s.ch.basic_publish("", q, b"y", pika.BasicProperties(expiration="86400000"))
+    sync(s.ch)
+    _m, p, body = get_one(s.ch, q)
+    assert (body, p.expiration) == (b"y", "86400000"), "expiration 0 expires at once"
+
+
 def test_many_messages_keep_order(s):
     q = declare_queue(s.ch, exclusive=True)
     for i in range(2000):
