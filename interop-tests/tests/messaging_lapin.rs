@@ -475,6 +475,93 @@ async fn immediate_is_540() {
     );
 }
 
+/// A consumer that never acks (prefetch 1) on queue A stalls neither a fast consumer on queue B
+/// on another channel of its connection nor one on queue C on another connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_does_not_stall_others() {
+    const N: usize = 1000;
+    let target = Target::from_env().unwrap();
+    let producer = connect(&target).await;
+    let pch = producer.create_channel().await.unwrap();
+    let (qa, qb, qc) = (
+        declare(&pch, &uniq("slow.a"), false).await,
+        declare(&pch, &uniq("slow.b"), false).await,
+        declare(&pch, &uniq("slow.c"), false).await,
+    );
+    for i in 0..N {
+        publish(
+            &pch,
+            "",
+            &qa,
+            format!("a{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let slow_conn = connect(&target).await;
+    let slow = slow_conn.create_channel().await.unwrap();
+    slow.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let (_t, mut stuck) = consumer(&slow, &qa, "", false).await;
+    let first = take(&mut stuck, 1).await;
+    assert_eq!(first[0].data, b"a0");
+
+    let same = slow_conn.create_channel().await.unwrap();
+    let other_conn = connect(&target).await;
+    let other = other_conn.create_channel().await.unwrap();
+    let t0 = Instant::now();
+    for (ch, q) in [(&same, &qb), (&other, &qc)] {
+        ch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+        let c = ch
+            .basic_consume(
+                q.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        c.set_delegate(move |d: DeliveryResult| {
+            let tx = tx.clone();
+            async move {
+                if let Ok(Some(d)) = d {
+                    d.acker.ack(BasicAckOptions::default()).await.unwrap();
+                    let _ = tx.send(d.data);
+                }
+            }
+        });
+        for i in 0..N {
+            publish(
+                &pch,
+                "",
+                q,
+                format!("{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+        }
+        let mut got = 0;
+        while got < N {
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("queue {q} stalled after {got} of {N}"))
+                .unwrap();
+            got += 1;
+        }
+    }
+    let elapsed = t0.elapsed();
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+    nothing_within(&mut stuck, Duration::from_millis(200)).await;
+    for q in [&qa, &qb, &qc] {
+        pch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    for c in [producer, slow_conn, other_conn] {
+        c.close(200, "bye".into()).await.unwrap();
+    }
+}
+
 // ---- scale -----------------------------------------------------------------------------------
 
 const QUEUES: usize = 1000;
