@@ -17,6 +17,7 @@ use warren_storage::{Body, FsBackend, QueueStore, StoreConfig, StoredMessage, Sy
 fn msg(body: &[u8]) -> StoredMessage<'_> {
     StoredMessage {
         flags: 0,
+        timestamp_ms: 0,
         exchange: b"",
         routing_key: b"bench",
         // A typical small property block: flags for delivery-mode only, delivery-mode = 2.

@@ -426,7 +426,10 @@ fn replay(backend: &dyn Backend, path: &Path, state: &mut DefinitionSet) -> Resu
     let mut scanner = RecordScanner::new(&*file, len, FILE_HEADER_LEN, 64 * 1024, 1);
     let mut payload = Vec::new();
     loop {
-        match scanner.next(Some(&mut payload)).map_err(io_err(path))? {
+        match scanner
+            .next(Some(&mut payload), &mut [])
+            .map_err(io_err(path))?
+        {
             Scanned::Record { offset, .. } => {
                 let change: DefChange = serde_json::from_slice(&payload).map_err(|source| {
                     StorageError::Definition {

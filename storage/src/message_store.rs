@@ -20,8 +20,8 @@ use crate::backend::{Backend, FileHandle};
 use crate::error::{io_err, Result, StorageError};
 use crate::segment::{
     self, check_file_header, file_header, HeaderCheck, RecordScanner, Scanned, StoredMessage,
-    StoredMessageOwned, ACK_MAGIC, FILE_HEADER_LEN, MIN_MESSAGE_PAYLOAD, MIN_MESSAGE_RECORD,
-    RECORD_HEADER_LEN, SEGMENT_MAGIC,
+    StoredMessageOwned, ACK_MAGIC, FILE_HEADER_LEN, MESSAGE_HEAD_LEN, MIN_MESSAGE_PAYLOAD,
+    MIN_MESSAGE_RECORD, RECORD_HEADER_LEN, SEGMENT_MAGIC,
 };
 use crate::sync::SyncHandle;
 
@@ -42,6 +42,10 @@ pub struct MsgLocation {
 pub struct RecoveredMessage {
     /// Where it is.
     pub loc: MsgLocation,
+    /// The `timestamp_ms` given to `append` (e.g. to restart TTLs).
+    pub timestamp_ms: u64,
+    /// The `flags` given to `append`.
+    pub flags: u8,
     /// A delivery was recorded with [`QueueStore::mark_delivered`] before the restart: deliver
     /// it with `redelivered = true`.
     pub delivered: bool,
@@ -343,8 +347,9 @@ impl QueueStore {
         let mut acked = 0u32;
         let mut acked_bits = AckBits::default();
         let (mut ai, mut di) = (0usize, 0usize);
+        let mut head = [0u8; MESSAGE_HEAD_LEN];
         let end = loop {
-            match scanner.next(None).map_err(io_err(&path))? {
+            match scanner.next(None, &mut head).map_err(io_err(&path))? {
                 Scanned::Record { offset, len } => {
                     let Ok(off32) = u32::try_from(offset) else {
                         break (offset, Some("record offset beyond 4 GiB"));
@@ -361,12 +366,15 @@ impl QueueStore {
                         acked += 1;
                         acked_bits.set((offset - FILE_HEADER_LEN) / MIN_MESSAGE_RECORD);
                     } else {
+                        let [flags, t @ ..] = head;
                         messages.push(RecoveredMessage {
                             loc: MsgLocation {
                                 segment: id,
                                 offset: off32,
                                 len,
                             },
+                            timestamp_ms: u64::from_le_bytes(t),
+                            flags,
                             delivered: entries.delivered.get(di) == Some(&off32),
                         });
                     }
@@ -647,8 +655,13 @@ impl QueueStore {
         let path = self.path(&seg_name(id));
         file.write_all_at(&self.wbuf, self.wbuf_start)
             .map_err(io_err(&path))?;
-        self.wbuf_start += self.wbuf.len() as u64;
+        let used = self.wbuf.len();
+        self.wbuf_start += used as u64;
         self.wbuf.clear();
+        // A burst grew the buffer; an idle queue should not keep it (thousands of queues).
+        if self.wbuf.capacity() > 4 * used.max(4096) {
+            self.wbuf.shrink_to(used.max(4096));
+        }
         Ok(())
     }
 
@@ -971,6 +984,6 @@ mod tests {
     #[test]
     fn location_is_small() {
         assert_eq!(std::mem::size_of::<MsgLocation>(), 12);
-        assert!(std::mem::size_of::<RecoveredMessage>() <= 16);
+        assert!(std::mem::size_of::<RecoveredMessage>() <= 24);
     }
 }

@@ -24,8 +24,12 @@ pub const ACK_MAGIC: [u8; 8] = *b"WRNACKS\0";
 /// Magic of the definitions log.
 pub const DEFS_MAGIC: [u8; 8] = *b"WRNDEFS\0";
 
-/// Smallest message payload: flags, two empty short strings, an empty property block.
-pub const MIN_MESSAGE_PAYLOAD: u32 = 1 + 1 + 1 + 4;
+/// Smallest message payload: flags, timestamp, two empty short strings, an empty property
+/// block.
+pub const MIN_MESSAGE_PAYLOAD: u32 = 1 + 8 + 1 + 1 + 4;
+/// Bytes at the start of a message payload that recovery reports without reading the rest:
+/// flags and timestamp.
+pub const MESSAGE_HEAD_LEN: usize = 9;
 /// Smallest message record; distinct records start at least this far apart, which is what
 /// lets the in-memory ack bitmap index records by `(offset - header) / MIN_MESSAGE_RECORD`.
 pub const MIN_MESSAGE_RECORD: u64 = RECORD_HEADER_LEN + MIN_MESSAGE_PAYLOAD as u64;
@@ -168,8 +172,11 @@ impl<'a> From<&'a [Bytes]> for Body<'a> {
 /// A message to append: borrowed, so appending copies the bytes once, into the write buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct StoredMessage<'a> {
-    /// Opaque to the store, returned by `read` (e.g. the broker's "was redelivered" bit).
+    /// Opaque to the store, returned by `read` and by recovery (the broker's bits).
     pub flags: u8,
+    /// Opaque to the store, returned by `read` and by recovery: the broker's clock value for
+    /// this message, e.g. enqueue time in ms since the epoch, so TTLs survive a restart.
+    pub timestamp_ms: u64,
     /// Exchange the message was published to (AMQP short string, <= 255 bytes).
     pub exchange: &'a [u8],
     /// Routing key (AMQP short string, <= 255 bytes).
@@ -185,6 +192,8 @@ pub struct StoredMessage<'a> {
 pub struct StoredMessageOwned {
     /// The flags given to `append`.
     pub flags: u8,
+    /// The timestamp given to `append`.
+    pub timestamp_ms: u64,
     /// Exchange name bytes.
     pub exchange: Bytes,
     /// Routing key bytes.
@@ -226,6 +235,7 @@ pub(crate) fn message_prefix(msg: &StoredMessage<'_>) -> Result<(Vec<u8>, u32)> 
         .ok_or(StorageError::MessageTooLarge { size: total })?;
     let mut p = Vec::with_capacity(total as usize - msg.body.len());
     p.push(msg.flags);
+    p.extend_from_slice(&msg.timestamp_ms.to_le_bytes());
     p.push(msg.exchange.len() as u8);
     p.extend_from_slice(msg.exchange);
     p.push(msg.routing_key.len() as u8);
@@ -239,8 +249,11 @@ pub(crate) fn message_prefix(msg: &StoredMessage<'_>) -> Result<(Vec<u8>, u32)> 
 pub(crate) fn decode_message(payload: Bytes) -> Option<StoredMessageOwned> {
     let p = &payload[..];
     let flags = *p.first()?;
-    let ex_len = *p.get(1)? as usize;
-    let ex_end = 2 + ex_len;
+    let ts = p.get(1..9)?;
+    let timestamp_ms = u64::from_le_bytes([ts[0], ts[1], ts[2], ts[3], ts[4], ts[5], ts[6], ts[7]]);
+    let ex_len = *p.get(9)? as usize;
+    let ex_start = 10;
+    let ex_end = ex_start + ex_len;
     let rk_len = *p.get(ex_end)? as usize;
     let rk_start = ex_end + 1;
     let rk_end = rk_start + rk_len;
@@ -253,7 +266,8 @@ pub(crate) fn decode_message(payload: Bytes) -> Option<StoredMessageOwned> {
     }
     Some(StoredMessageOwned {
         flags,
-        exchange: payload.slice(2..ex_end),
+        timestamp_ms,
+        exchange: payload.slice(ex_start..ex_end),
         routing_key: payload.slice(rk_start..rk_end),
         properties: payload.slice(props_start..props_end),
         body: payload.slice(props_end..),
@@ -339,8 +353,13 @@ impl<'a> RecordScanner<'a> {
     }
 
     /// The next record; if `payload` is given, the payload is copied into it (for small
-    /// records such as definitions), otherwise it is only checksummed.
-    pub fn next(&mut self, mut payload: Option<&mut Vec<u8>>) -> std::io::Result<Scanned> {
+    /// records such as definitions), otherwise it is only checksummed. The first bytes of the
+    /// payload are copied into `head` either way (a shorter payload leaves the rest untouched).
+    pub fn next(
+        &mut self,
+        mut payload: Option<&mut Vec<u8>>,
+        head: &mut [u8],
+    ) -> std::io::Result<Scanned> {
         let offset = self.pos;
         if offset >= self.file_len {
             return Ok(Scanned::End);
@@ -385,6 +404,11 @@ impl<'a> RecordScanner<'a> {
                 });
             }
             let chunk = &self.buf[self.start..self.start + avail];
+            let done = len as usize - remaining;
+            if done < head.len() {
+                let n = (head.len() - done).min(chunk.len());
+                head[done..done + n].copy_from_slice(&chunk[..n]);
+            }
             actual = crc32c::crc32c_append(actual, chunk);
             if let Some(p) = payload.as_deref_mut() {
                 p.extend_from_slice(chunk);
@@ -413,6 +437,7 @@ mod tests {
         let body = b"hello".to_vec();
         let msg = StoredMessage {
             flags: 3,
+            timestamp_ms: 1_700_000_000_000,
             exchange: b"amq.direct",
             routing_key: b"rk",
             properties: &[0x80, 0, 1, 2],
@@ -423,6 +448,7 @@ mod tests {
         assert_eq!(prefix.len(), len as usize);
         let m = decode_message(Bytes::from(prefix)).unwrap();
         assert_eq!(m.flags, 3);
+        assert_eq!(m.timestamp_ms, 1_700_000_000_000);
         assert_eq!(&m.exchange[..], b"amq.direct");
         assert_eq!(&m.routing_key[..], b"rk");
         assert_eq!(&m.properties[..], &[0x80, 0, 1, 2]);
@@ -434,6 +460,7 @@ mod tests {
         let long = vec![b'x'; 256];
         let msg = StoredMessage {
             flags: 0,
+            timestamp_ms: 0,
             exchange: &long,
             routing_key: b"",
             properties: b"",
@@ -461,6 +488,7 @@ mod tests {
         );
         let msg = StoredMessage {
             flags: 1,
+            timestamp_ms: 0x0102,
             exchange: b"x",
             routing_key: b"k",
             properties: &[0x10, 0, 2],
@@ -470,11 +498,12 @@ mod tests {
         payload.extend_from_slice(b"hi");
         let mut rec = Vec::new();
         encode_record(&mut rec, &payload).unwrap();
-        assert_eq!(len, 14);
-        let crc = record_crc(14, &[&payload]).to_le_bytes();
-        let mut want = vec![14, 0, 0, 0];
+        assert_eq!(len, 22);
+        let crc = record_crc(22, &[&payload]).to_le_bytes();
+        let mut want = vec![22, 0, 0, 0];
         want.extend_from_slice(&crc);
-        want.extend_from_slice(&[1, 1, b'x', 1, b'k', 3, 0, 0, 0, 0x10, 0, 2, b'h', b'i']);
+        want.extend_from_slice(&[1, 2, 1, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[1, b'x', 1, b'k', 3, 0, 0, 0, 0x10, 0, 2, b'h', b'i']);
         assert_eq!(rec, want);
     }
 
@@ -494,7 +523,7 @@ mod tests {
             let mut ends = vec![];
             for (i, n) in sizes.iter().enumerate() {
                 let body = vec![i as u8; *n];
-                let msg = StoredMessage { flags: 0, exchange: b"", routing_key: b"", properties: b"", body: Body::Contiguous(&body) };
+                let msg = StoredMessage { flags: 0, timestamp_ms: i as u64, exchange: b"", routing_key: b"", properties: b"", body: Body::Contiguous(&body) };
                 let (mut p, _) = message_prefix(&msg).unwrap();
                 p.extend_from_slice(&body);
                 encode_record(&mut data, &p).unwrap();
@@ -505,7 +534,7 @@ mod tests {
             let mut sc = RecordScanner::new(&*f, cut, FILE_HEADER_LEN, chunk, MIN_MESSAGE_PAYLOAD);
             let mut got = vec![];
             let last = loop {
-                match sc.next(None).unwrap() {
+                match sc.next(None, &mut []).unwrap() {
                     Scanned::Record { offset, len } => got.push(offset + 8 + u64::from(len)),
                     other => break other,
                 }
@@ -533,12 +562,13 @@ mod tests {
             chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100), 0..5),
         ) {
             let chunks: Vec<Bytes> = chunks.into_iter().map(Bytes::from).collect();
-            let msg = StoredMessage { flags, exchange: &ex, routing_key: &rk, properties: &props, body: Body::Chunks(&chunks) };
+            let msg = StoredMessage { flags, timestamp_ms: u64::from(flags) << 40, exchange: &ex, routing_key: &rk, properties: &props, body: Body::Chunks(&chunks) };
             let (mut p, len) = message_prefix(&msg).unwrap();
             msg.body.for_each(|c| p.extend_from_slice(c));
             proptest::prop_assert_eq!(p.len(), len as usize);
             let m = decode_message(Bytes::from(p)).unwrap();
             proptest::prop_assert_eq!(m.flags, flags);
+            proptest::prop_assert_eq!(m.timestamp_ms, u64::from(flags) << 40);
             proptest::prop_assert_eq!(&m.exchange[..], &ex[..]);
             proptest::prop_assert_eq!(&m.routing_key[..], &rk[..]);
             proptest::prop_assert_eq!(&m.properties[..], &props[..]);
@@ -548,7 +578,13 @@ mod tests {
 
     #[test]
     fn decode_rejects_inconsistent_lengths() {
-        assert!(decode_message(Bytes::from_static(&[0, 5, b'a'])).is_none());
-        assert!(decode_message(Bytes::from_static(&[0, 0, 0, 9, 0, 0, 0])).is_none());
+        assert!(
+            decode_message(Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 5, b'a'])).is_none()
+        );
+        assert!(decode_message(Bytes::from_static(&[
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0
+        ]))
+        .is_none());
+        assert!(decode_message(Bytes::from_static(&[0, 1, 2])).is_none());
     }
 }

@@ -13,7 +13,7 @@
 //! let mut store = QueueStore::create(disk.shared(), "/q".as_ref(), StoreConfig::default())?;
 //! let service = SyncService::start()?;
 //! let loc = store.append(&StoredMessage {
-//!     flags: 0, exchange: b"", routing_key: b"q", properties: b"", body: Body::Contiguous(b"hi"),
+//!     flags: 0, timestamp_ms: 0, exchange: b"", routing_key: b"q", properties: b"", body: Body::Contiguous(b"hi"),
 //! })?;
 //! // In the broker this would be a tokio oneshot::Sender or an unbounded mpsc::Sender.
 //! let (tx, rx) = mpsc::channel();

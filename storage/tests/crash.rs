@@ -162,6 +162,11 @@ fn verify(disk: &SimBackend, cfg: StoreConfig, t: &Tracker, what: &str) -> Vec<(
                 "{what}: synced delivery mark of {id} lost"
             );
         }
+        assert_eq!(
+            (m.flags, m.timestamp_ms),
+            ((id % 4) as u8, id * 1000),
+            "{what}: head of {id}"
+        );
         seen.push((id, m.loc));
     }
     let ids: Vec<u64> = seen.iter().map(|s| s.0).collect();

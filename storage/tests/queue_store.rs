@@ -53,6 +53,7 @@ fn chunked_and_big_bodies() {
     let a = s
         .append(&StoredMessage {
             flags: 1,
+            timestamp_ms: 0,
             exchange: b"",
             routing_key: b"q",
             properties: b"",
@@ -62,6 +63,7 @@ fn chunked_and_big_bodies() {
     let b = s
         .append(&StoredMessage {
             flags: 2,
+            timestamp_ms: 0,
             exchange: b"x",
             routing_key: b"",
             properties: b"p",
@@ -361,9 +363,9 @@ fn real_file_system_round_trip() {
         .all(|m| m.delivered == (m.loc == locs[260])));
     for m in &r.messages {
         let id = check_message(&r.store.read(m.loc).unwrap(), 3);
-        // payload = 7 fixed bytes + exchange + routing key + properties + body
+        // payload = 15 fixed bytes + exchange + routing key + properties + body
         let rk = 3 + id.to_string().len();
-        assert_eq!(body_of(id, 3).len(), m.loc.len as usize - 7 - 9 - rk - 3);
+        assert_eq!(body_of(id, 3).len(), m.loc.len as usize - 15 - 9 - rk - 3);
     }
     r.store.delete().unwrap();
     assert!(!dir.exists());

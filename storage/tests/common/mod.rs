@@ -27,6 +27,7 @@ pub fn append_id(
     let rk = format!("rk.{id}");
     store.append(&StoredMessage {
         flags: (id % 4) as u8,
+        timestamp_ms: id * 1000,
         exchange: b"amq.topic",
         routing_key: rk.as_bytes(),
         properties: &props,
@@ -43,5 +44,6 @@ pub fn check_message(m: &StoredMessageOwned, scale: usize) -> u64 {
     assert_eq!(&m.exchange[..], b"amq.topic");
     assert_eq!(m.routing_key, format!("rk.{id}").into_bytes());
     assert_eq!(m.flags, (id % 4) as u8);
+    assert_eq!(m.timestamp_ms, id * 1000);
     id
 }
