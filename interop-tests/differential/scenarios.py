@@ -574,3 +574,56 @@ def server_cancel(c: Ctx):
     pump(c.conn, cancelled, 1)
     c.obs("cancelled", cancelled)
     c.obs("channel open", c.ch.is_open)
+
+
+@scenario
+def odds_and_ends(c: Ctx):
+    q = c.name("odds")
+    c.ch.queue_declare(q)
+    # passive declare of "" right after a declare on the same channel
+    c.attempt("passive '' on a fresh channel", lambda ch: ch.queue_declare("", passive=True))
+
+    def passive_last(ch):
+        ch.queue_declare(q, passive=True)
+        return ch.queue_declare("", passive=True)
+
+    c.attempt("passive '' after a declare", passive_last)
+
+    def empty_key(ch):
+        ch.queue_declare(q, passive=True)
+        ch.basic_publish("", "", b"to-empty-key")
+        sync(ch)
+        return ready(ch, q)
+
+    c.attempt("default exchange, routing key ''", empty_key)
+    for i in range(5):
+        c.ch.basic_publish("", q, b"%d" % i)
+    ch = c.conn.channel()
+    for _ in range(2):
+        ch.basic_get(q)
+    c.obs("ready with 2 unacked", ready(c.ch, q))
+    c.attempt("purge with 2 unacked", lambda x: x.queue_purge(q))
+    for i in range(3):
+        c.ch.basic_publish("", q, b"%d" % i)
+    c.obs("ready", ready(c.ch, q))
+    c.attempt("delete with 2 unacked", lambda x: x.queue_delete(q))
+    c.obs("unacked channel still open", ch.is_open)
+    c.attempt("ack after delete", lambda x: (ch.basic_ack(1), sync(ch)))
+    x = c.name("hx")
+    c.ch.exchange_declare(x, "headers", auto_delete=True)
+    r = c.ch.queue_declare("", exclusive=True).method.queue
+    for v in ["bogus", "ALL", 1, ""]:
+        c.attempt(f"x-match {v!r}",
+                  lambda ch, v=v: ch.queue_bind(r, x, arguments={"x-match": v, "a": "b"}))
+    q2 = c.name("multi0")
+    c.ch.queue_declare(q2, exclusive=True)
+    for i in range(4):
+        c.ch.basic_publish("", q2, b"%d" % i)
+    ch2 = c.conn.channel()
+    for _ in range(3):
+        ch2.basic_get(q2)
+    ch2.basic_nack(0, multiple=True, requeue=True)
+    c.obs("nack(0, multiple) requeues all", [b[:2] for b in get_all(ch2, q2)])
+    c.attempt("consume exclusive queue twice exclusive", lambda ch: (
+        ch.basic_consume(q2, lambda *a: None, exclusive=True),
+        ch.basic_consume(q2, lambda *a: None, exclusive=True)))

@@ -422,6 +422,35 @@ def test_empty_name_without_declared_queue_is_404(s, op):
     expect_channel_error(action, 404, "NOT_FOUND - no previously declared queue")
 
 
+def test_passive_declare_of_empty_name_is_not_the_shortcut(s):
+    # queue.declare never expands "": a passive declare of "" looks for a queue named ""
+    expect_channel_error(lambda: s.ch.queue_declare("", passive=True), 404,
+                         "NOT_FOUND - no queue '' in vhost '/'")
+    ch = s.conn.channel()
+    declare_queue(ch, exclusive=True)
+    expect_channel_error(lambda: ch.queue_declare("", passive=True), 404,
+                         "NOT_FOUND - no queue '' in vhost '/'")
+
+
+INVALID_X_MATCH = [
+    ("bogus", 'Invalid x-match field value <<"bogus">>; expected all, any, all-with-x, or '
+              'any-with-x'),
+    ("ALL", 'Invalid x-match field value <<"ALL">>; expected all, any, all-with-x, or '
+            'any-with-x'),
+    (1, "Invalid x-match field type signedint (value 1); expected longstr"),
+]
+
+
+@pytest.mark.parametrize("value,text", INVALID_X_MATCH, ids=[repr(v) for v, _ in INVALID_X_MATCH])
+def test_invalid_x_match_is_406(s, value, text):
+    x = uniq("x.headers")
+    s.ch.exchange_declare(x, "headers", auto_delete=True)
+    q = declare_queue(s.ch, exclusive=True)
+    e = expect_channel_error(lambda: s.ch.queue_bind(q, x, arguments={"x-match": value}), 406,
+                             "PRECONDITION_FAILED - Invalid x-match field ")
+    assert e.reply_text == "PRECONDITION_FAILED - " + text
+
+
 def test_empty_name_follows_passive_declare(s, session_factory):
     q1 = declare_queue(s.ch, exclusive=True)
     q2 = declare_queue(s.ch, exclusive=True)

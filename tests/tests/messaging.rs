@@ -987,3 +987,33 @@ async fn nowait_declare_bind_consume_send_no_replies() {
     assert_eq!(got.body(), b"direct");
     c.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn no_local_is_ignored() {
+    let t = target();
+    let mut c = client(&t).await;
+    let q = declare_queue(&mut c, 1, "", true).await;
+    c.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: ss(&q),
+            consumer_tag: ss("local"),
+            no_local: true,
+            no_ack: true,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await
+    .unwrap();
+    c.expect_method(1, 60, 21).await.unwrap();
+    publish(&mut c, 1, "", &q, b"mine").await;
+    let got = read_message(&mut c, 1).await.unwrap();
+    assert_eq!(
+        got.body(),
+        b"mine",
+        "no-local is not implemented by RabbitMQ"
+    );
+    c.close().await.unwrap();
+}
