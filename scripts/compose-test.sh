@@ -69,7 +69,7 @@ for p in $( (docker ps -a --filter label=com.docker.compose.project \
   if ! kill -0 "${p#"$PREFIX"}" 2>/dev/null; then
     say "removing project $p left by an earlier run"
     "${COMPOSE_CMD[@]}" -f "$ROOT/docker-compose.yml" -p "$p" --profile examples down -v --remove-orphans -t 5 >/dev/null 2>&1 || true
-    docker rm -f "$p-defaults" >/dev/null 2>&1 || true
+    docker rm -f -v "$p-defaults" >/dev/null 2>&1 || true
   fi
 done
 
@@ -103,7 +103,7 @@ cleanup() {
     docker logs --tail 40 "$CID" 2>&1
     echo "-------------------------------"
   fi
-  docker rm -f "$PROJECT-defaults" >/dev/null 2>&1
+  docker rm -f -v "$PROJECT-defaults" >/dev/null 2>&1
   compose --profile examples down -v --remove-orphans -t 30 >/dev/null 2>&1 ||
     say "warning: '${COMPOSE_CMD[*]} -p $PROJECT down -v' failed"
   rm -rf "$WORK"
@@ -396,7 +396,7 @@ if docker run -d --rm --name "$PROJECT-defaults" -p "127.0.0.1:$dport:5672" "$WA
 else
   fail defaults "$(echo "${out:-}" | tail -n 3 | tr '\n' ' ')"
 fi
-docker rm -f "$PROJECT-defaults" >/dev/null 2>&1 || true
+docker rm -f -v "$PROJECT-defaults" >/dev/null 2>&1 || true
 
 # ---- docker stop: SIGTERM to process 1, graceful close, exit 0 --------------------------------
 grace=$(docker inspect -f '{{if .Config.StopTimeout}}{{.Config.StopTimeout}}{{end}}' "$CID")

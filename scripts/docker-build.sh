@@ -69,7 +69,10 @@ RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
 
 # ---- 2. stage the broker image's root filesystem ----------------------------------------------
 rm -rf "$STAGE/warren" "$STAGE/warren-data"
-mkdir -p "$STAGE/warren/usr/local/bin" "$STAGE/warren/etc" "$STAGE/warren/tmp" "$STAGE/warren-data"
+# var/lib exists (root-owned) before the Dockerfile's COPY --chown creates var/lib/warren, so
+# that no builder gives the parent directories to user 10001.
+mkdir -p "$STAGE/warren/usr/local/bin" "$STAGE/warren/etc" "$STAGE/warren/tmp" "$STAGE/warren/var/lib" \
+  "$STAGE/warren-data"
 chmod 1777 "$STAGE/warren/tmp"
 chmod 0750 "$STAGE/warren-data"
 for b in "${BINS[@]}"; do
