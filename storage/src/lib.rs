@@ -26,6 +26,7 @@
 //!    optionally `mark_delivered(loc)`. Ack: `ack(loc)`. Purge: `purge(&ready_locations)`.
 //!    Queue delete: `delete()`. Definition changes: `Definitions::apply` (fsynced on return).
 //! 5. Disk alarm: compare [`free_bytes`] of the data directory with the configured limit.
+//! 6. At startup, [`raise_open_files_limit`]: each segment and ack file keeps a descriptor.
 
 pub mod ack;
 pub mod backend;
@@ -36,7 +37,9 @@ pub mod segment;
 pub mod sync;
 
 pub use backend::sim::{CrashMode, SimBackend};
-pub use backend::{free_bytes, Backend, FileHandle, FsBackend, StorageFile};
+pub use backend::{
+    free_bytes, raise_open_files_limit, Backend, FileHandle, FsBackend, StorageFile,
+};
 pub use definitions::{
     BindingDef, DefChange, DefinitionSet, Definitions, ExchangeDef, PermissionDef, QueueDef,
     UserDef, VhostDef,

@@ -351,6 +351,9 @@ fn real_file_system_round_trip() {
     s.mark_delivered(locs[260]).unwrap();
     s.sync_now().unwrap();
     assert!(warren_storage::free_bytes(&dir).unwrap() > 0);
+    assert!(warren_storage::raise_open_files_limit()
+        .unwrap()
+        .is_none_or(|n| n >= 1024));
     drop(s);
     let r = QueueStore::recover(Arc::clone(&fs), &dir, small()).unwrap();
     assert_eq!(

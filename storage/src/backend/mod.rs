@@ -208,3 +208,23 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let st = rustix::fs::statvfs(path).map_err(io::Error::from)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
+
+/// Raises this process's soft limit on open files to its hard limit and returns the new soft
+/// limit (`None`: unlimited). Every segment and ack file of every queue holds a descriptor (plus
+/// one per queue directory), so a broker with many queues or long backlogs needs more than the
+/// usual soft limit of 1024; call this once at startup.
+pub fn raise_open_files_limit() -> io::Result<Option<u64>> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )
+        .map_err(io::Error::from)?;
+    }
+    Ok(getrlimit(Resource::Nofile).current)
+}
