@@ -115,9 +115,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- build ------------------------------------------------------------------------------------
-scripts/setup-python.sh
+if ! scripts/setup-python.sh; then
+  fail build "scripts/setup-python.sh failed (see above)"
+  exit 1
+fi
 PY=$ROOT/.venv/bin/python
-scripts/docker-build.sh
+if ! scripts/docker-build.sh; then
+  fail build "scripts/docker-build.sh failed (see above)"
+  exit 1
+fi
 
 # ---- the pika side, run from .venv against the published port ----------------------------------
 cat >"$WORK/check.py" <<'EOF'
