@@ -65,7 +65,7 @@ bin_args=()
 for b in "${BINS[@]}"; do bin_args+=(--bin "$b"); done
 say "cargo build --release --target $TRIPLE ${bin_args[*]} (static)"
 RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
-  cargo build --release --locked --target "$TRIPLE" "${bin_args[@]}"
+  cargo build --release --target "$TRIPLE" "${bin_args[@]}"
 
 # ---- 2. stage the broker image's root filesystem ----------------------------------------------
 rm -rf "$STAGE/warren" "$STAGE/warren-data"
