@@ -562,6 +562,140 @@ async fn slow_consumer_does_not_stall_others() {
     }
 }
 
+/// Concurrent publishers (with confirms) and consumers on one queue, with nack-requeues and a
+/// consumer channel closed mid-stream: every message is acked exactly once, none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requeue_no_loss_no_duplicate() {
+    const PUBLISHERS: usize = 2;
+    const PER_PUBLISHER: usize = 3000;
+    const TOTAL: usize = PUBLISHERS * PER_PUBLISHER;
+    let target = Arc::new(Target::from_env().unwrap());
+    let admin = connect(&target).await;
+    let ach = admin.create_channel().await.unwrap();
+    let q = declare(&ach, &uniq("stress"), false).await;
+
+    // (body, redelivered) of every ack, from every consumer
+    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<(Vec<u8>, bool)>();
+    let mut consumer_conns = Vec::new();
+    for c in 0..3 {
+        let conn = connect(&target).await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.basic_qos(20, BasicQosOptions::default()).await.unwrap();
+        let cons = ch
+            .basic_consume(
+                q.as_str().into(),
+                format!("stress-{c}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let tx = acked_tx.clone();
+        cons.set_delegate(move |d: DeliveryResult| {
+            let tx = tx.clone();
+            async move {
+                let Ok(Some(d)) = d else { return };
+                let n: usize = String::from_utf8_lossy(&d.data)
+                    .split(':')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                if !d.redelivered && n % 10 == 3 {
+                    let _ = d
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await;
+                } else if d.acker.ack(BasicAckOptions::default()).await.is_ok() {
+                    let _ = tx.send((d.data, d.redelivered));
+                }
+            }
+        });
+        consumer_conns.push((conn, ch));
+    }
+    // a fourth consumer that takes messages and never acks; its channel closes mid-stream
+    let quitter = connect(&target).await;
+    let qch = quitter.create_channel().await.unwrap();
+    qch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+    let (_t, mut quitter_rx) = consumer(&qch, &q, "quitter", false).await;
+
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let target = Arc::clone(&target);
+        let q = q.clone();
+        publishers.push(tokio::spawn(async move {
+            let conn = connect(&target).await;
+            let ch = conn.create_channel().await.unwrap();
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            for i in 0..PER_PUBLISHER {
+                ch.basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    format!("{p}:{i}").as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap();
+            }
+            assert!(ch.wait_for_confirms().await.unwrap().is_empty());
+            conn.close(200, "bye".into()).await.unwrap();
+        }));
+    }
+    let held = take(&mut quitter_rx, 50).await;
+    qch.close(200, "bye".into()).await.unwrap();
+    drop(held);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    drop(acked_tx);
+    let mut counts: HashMap<Vec<u8>, u32> = HashMap::with_capacity(TOTAL);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while counts.len() < TOTAL {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, acked_rx.recv()).await {
+            Ok(Some((body, _redelivered))) => *counts.entry(body).or_default() += 1,
+            _ => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok((body, _)) = acked_rx.try_recv() {
+        *counts.entry(body).or_default() += 1;
+    }
+    assert_eq!(counts.len(), TOTAL, "distinct messages acked");
+    let dup: Vec<_> = counts
+        .iter()
+        .filter(|(_, n)| **n != 1)
+        .take(5)
+        .map(|(b, n)| (String::from_utf8_lossy(b).into_owned(), *n))
+        .collect();
+    assert!(dup.is_empty(), "acked more than once: {dup:?}");
+    let ok = ach
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.message_count(), 0);
+    for (conn, _ch) in consumer_conns {
+        conn.close(200, "bye".into()).await.unwrap();
+    }
+    quitter.close(200, "bye".into()).await.unwrap();
+    ach.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    admin.close(200, "bye".into()).await.unwrap();
+}
+
 // ---- scale -----------------------------------------------------------------------------------
 
 const QUEUES: usize = 1000;
