@@ -6,8 +6,8 @@ import pika.exceptions
 import pytest
 
 from test_messaging_helpers import (  # noqa: F401 - fixtures
-    amqp, collect, connect, declare_queue, expect_channel_error, get_all, message_count,
-    resource, s, session_factory, settle, uniq, wait_until,
+    amqp, collect, declare_queue, expect_channel_error, get_all, message_count, resource, s,
+    session_factory, settle, uniq, wait_until,
 )
 
 

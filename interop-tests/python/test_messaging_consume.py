@@ -5,14 +5,11 @@ close, and the error codes. Every test runs against Warren and (with RABBITMQ_AD
 import re
 import time
 
-import pika
-import pika.exceptions
 import pytest
 
 from test_messaging_helpers import (  # noqa: F401 - fixtures
-    amqp, collect, connect, declare_queue, expect_channel_error, expect_connection_error,
-    get_all, message_count, queue_exists, resource, s, session_factory, settle, uniq,
-    wait_until,
+    amqp, collect, declare_queue, expect_channel_error, expect_connection_error, get_all,
+    resource, s, session_factory, settle, uniq, wait_until,
 )
 
 CTAG = re.compile(r"^amq\.ctag-[A-Za-z0-9_-]{22}$")

@@ -6,8 +6,8 @@ import pika.exceptions
 import pytest
 
 from test_messaging_helpers import (  # noqa: F401 - fixtures
-    amqp, collect, connect, declare_queue, exchange_exists, expect_channel_error,
-    expect_connection_error, get_all, queue_exists, resource, s, session_factory, settle, uniq,
+    amqp, collect, declare_queue, exchange_exists, expect_channel_error,
+    expect_connection_error, get_all, resource, s, session_factory, settle, uniq,
 )
 
 

@@ -4,7 +4,7 @@ test runs against Warren and (with RABBITMQ_ADDR) RabbitMQ."""
 import time
 
 from test_messaging_helpers import (  # noqa: F401 - fixtures
-    amqp, collect, declare_queue, message_count, s, session_factory, settle, uniq, wait_until,
+    amqp, collect, declare_queue, message_count, s, session_factory, settle, wait_until,
 )
 
 N = 1000

@@ -10,8 +10,8 @@ import pika.exceptions
 import pytest
 
 from test_messaging_helpers import (  # noqa: F401 - fixtures
-    amqp, collect, connect, declare_queue, expect_channel_error, get_all, resource, s,
-    session_factory, settle, uniq,
+    amqp, collect, declare_queue, expect_channel_error, get_all, s, session_factory, settle,
+    uniq,
 )
 
 

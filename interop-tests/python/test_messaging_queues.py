@@ -9,8 +9,8 @@ import pika.exceptions
 import pytest
 
 from test_messaging_helpers import (  # noqa: F401 - fixtures
-    amqp, collect, connect, declare_queue, expect_channel_error, get_all, message_count,
-    queue_exists, resource, s, session_factory, settle, uniq, wait_until,
+    amqp, collect, declare_queue, expect_channel_error, get_all, queue_exists, resource, s,
+    session_factory, uniq, wait_until,
 )
 
 SERVER_NAMED = re.compile(r"^amq\.gen-[A-Za-z0-9_-]{22}$")
