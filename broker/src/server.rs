@@ -42,6 +42,11 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
+        // Every segment and ack file of every durable queue holds a descriptor.
+        match warren_storage::raise_open_files_limit() {
+            Ok(limit) => info!(limit = ?limit, "open files limit"),
+            Err(e) => warn!(error = %e, "cannot raise the open files limit"),
+        }
         let data_dir = config.data_dir.clone();
         let started = std::time::Instant::now();
         let broker = Broker::open(config)

@@ -335,6 +335,7 @@ impl QueueState {
         };
         let stored = StoredMessage {
             flags: 0,
+            timestamp_ms: now_ms(),
             exchange: &msg.exchange,
             routing_key: &msg.routing_key,
             properties: &msg.header.raw_properties,
@@ -424,6 +425,7 @@ impl Queue {
             Some(store) if msg.is_persistent() => {
                 let stored = StoredMessage {
                     flags: 0,
+                    timestamp_ms: now_ms(),
                     exchange: &msg.exchange,
                     routing_key: &msg.routing_key,
                     properties: &msg.header.raw_properties,
@@ -710,6 +712,13 @@ impl Queue {
     pub fn is_deleted(&self) -> bool {
         self.lock().deleted
     }
+}
+
+/// Milliseconds since the Unix epoch, stored with each message (for TTLs across restarts).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Records that a stored message went out, so that after a restart it is redelivered=true.
