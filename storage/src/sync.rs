@@ -28,7 +28,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -206,38 +206,141 @@ fn ptr(f: &FileHandle) -> usize {
 /// so this costs threads, not cores.
 const MAX_PARALLEL_FSYNCS: usize = 32;
 
-/// fsyncs `files` with up to [`MAX_PARALLEL_FSYNCS`] threads; returns the failures by file.
-fn sync_all(files: &[FileHandle]) -> Vec<(usize, SyncError)> {
-    let next = AtomicUsize::new(0);
-    let failed = Mutex::new(Vec::new());
-    let work = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(f) = files.get(i) else { return };
-        if let Err(e) = f.sync() {
-            tracing::error!(error = %e, file = ?f, "fsync failed");
-            failed.lock().unwrap_or_else(|p| p.into_inner()).push((
-                ptr(f),
-                SyncError {
-                    kind: e.kind(),
-                    message: e.to_string(),
-                },
-            ));
+/// The files of the batch being synced, shared by the coordinator and its helpers.
+#[derive(Default)]
+struct Work {
+    files: Vec<FileHandle>,
+    /// Index of the next file to hand out.
+    next: usize,
+    /// Files whose fsync returned.
+    finished: usize,
+    failed: Vec<(usize, SyncError)>,
+    shutdown: bool,
+}
+
+/// Helper threads for parallel fsyncs, spawned on demand (a broker with one busy queue never
+/// starts one) and kept for the next batch, because spawning per batch costs more CPU than the
+/// fsync calls themselves at thousands of batches per second.
+///
+/// Invariant: `finished <= next <= files.len()`; the batch is done when
+/// `finished == files.len()`.
+#[derive(Default)]
+struct Helpers {
+    work: Mutex<Work>,
+    /// Signalled when a batch is published or on shutdown.
+    more: Condvar,
+    /// Signalled when the last file of a batch finished.
+    done: Condvar,
+}
+
+impl Helpers {
+    fn lock(&self) -> MutexGuard<'_, Work> {
+        self.work.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes files and syncs them until none is left to hand out.
+    fn drain(&self) {
+        let mut w = self.lock();
+        while let Some(f) = w.files.get(w.next).cloned() {
+            w.next += 1;
+            drop(w);
+            let result = f.sync();
+            w = self.lock();
+            w.finished += 1;
+            if let Err(e) = result {
+                tracing::error!(error = %e, file = ?f, "fsync failed");
+                w.failed.push((
+                    ptr(&f),
+                    SyncError {
+                        kind: e.kind(),
+                        message: e.to_string(),
+                    },
+                ));
+            }
+            if w.finished == w.files.len() {
+                self.done.notify_all();
+            }
         }
-    };
-    let helpers = files.len().min(MAX_PARALLEL_FSYNCS).saturating_sub(1);
-    std::thread::scope(|scope| {
-        for _ in 0..helpers {
-            // If a helper cannot be spawned the remaining threads simply do more of the work.
-            let _ = std::thread::Builder::new()
+    }
+
+    fn helper_loop(&self) {
+        loop {
+            {
+                let mut w = self.lock();
+                while w.next >= w.files.len() && !w.shutdown {
+                    w = self.more.wait(w).unwrap_or_else(|p| p.into_inner());
+                }
+                if w.shutdown {
+                    return;
+                }
+            }
+            self.drain();
+        }
+    }
+}
+
+/// The coordinator's side of the pool.
+struct Pool {
+    helpers: Arc<Helpers>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn new() -> Self {
+        Pool {
+            helpers: Arc::new(Helpers::default()),
+            threads: Vec::new(),
+        }
+    }
+
+    /// fsyncs `files` with up to [`MAX_PARALLEL_FSYNCS`] threads; returns the failures by file.
+    fn sync_all(&mut self, files: Vec<FileHandle>) -> Vec<(usize, SyncError)> {
+        let want = files.len().min(MAX_PARALLEL_FSYNCS).saturating_sub(1);
+        while self.threads.len() < want {
+            let h = Arc::clone(&self.helpers);
+            match std::thread::Builder::new()
                 .name("warren-fsync-helper".into())
-                .spawn_scoped(scope, work);
+                .stack_size(256 * 1024)
+                .spawn(move || h.helper_loop())
+            {
+                Ok(t) => self.threads.push(t),
+                // Fewer helpers only means less parallelism.
+                Err(_) => break,
+            }
         }
-        work();
-    });
-    failed.into_inner().unwrap_or_else(|p| p.into_inner())
+        let n = files.len();
+        {
+            let mut w = self.helpers.lock();
+            w.files = files;
+            w.next = 0;
+            w.finished = 0;
+            w.failed.clear();
+        }
+        if n > 1 {
+            self.helpers.more.notify_all();
+        }
+        self.helpers.drain();
+        let mut w = self.helpers.lock();
+        while w.finished < n {
+            w = self.helpers.done.wait(w).unwrap_or_else(|p| p.into_inner());
+        }
+        w.files.clear();
+        std::mem::take(&mut w.failed)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.helpers.lock().shutdown = true;
+        self.helpers.more.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn run(shared: &Shared) {
+    let mut pool = Pool::new();
     loop {
         let batch = {
             let mut q = shared.lock();
@@ -259,12 +362,11 @@ fn run(shared: &Shared) {
                 }
             }
         }
-        let failed = sync_all(&files);
+        let fsyncs = files.len() as u64;
+        let failed = pool.sync_all(files);
         let n = batch.len() as u64;
         shared.batches.fetch_add(1, Ordering::Relaxed);
-        shared
-            .fsyncs
-            .fetch_add(files.len() as u64, Ordering::Relaxed);
+        shared.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
         shared.max_batch.fetch_max(n, Ordering::Relaxed);
         for (handle, done) in batch {
             let err = handle
