@@ -180,11 +180,21 @@ def main():
       " the tables show the median over the rounds." % (a.rounds, a.duration))
     w("- Send/receive rates are messages per second over the run; latency is end to end"
       " (publish call to delivery read, timestamp in the body, one clock) in microseconds.")
+    w("- In the unthrottled scenarios (a-f) the producer outruns the broker, so their"
+      " latencies mostly measure the backlog that builds up (bounded by `--max-backlog`);"
+      " (g) is the latency scenario.")
     w("- Throughput scenarios pass `--max-backlog` so that producers pause while too many"
       " messages are queued (a memory safety net on a shared 24 GiB machine); it applies to"
       " every broker alike, so the rates are sustained (consumed) rates.")
     w("")
-    w("Exact command:")
+    w("To reproduce: `scripts/bench-compare.sh [--rounds 3] [--quick] [--duration SECS]"
+      " [--scenarios abcdefgh] [--h-messages N]` (it builds the release binaries, installs"
+      " rabbitmq-server and garagemq with apt-get when missing, and rewrites this file)."
+      " A single load run: `target/release/warren-perf -h amqp://guest:guest@127.0.0.1:5672/%2f"
+      " -x 1 -y 1 -s 1024 -a -z 10` (PerfTest's flag names; `--help` lists them); the final"
+      " stdout line is JSON.")
+    w("")
+    w("Exact command of this run:")
     w("")
     w("```")
     w(a.command)

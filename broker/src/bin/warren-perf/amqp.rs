@@ -46,12 +46,9 @@ pub struct ConnOpts {
 
 /// The class and method ids of a method frame payload.
 pub fn method_ids(payload: &[u8]) -> Option<(u16, u16)> {
-    match payload.first_chunk::<4>() {
-        Some(&[c0, c1, m0, m1]) => {
-            Some((u16::from_be_bytes([c0, c1]), u16::from_be_bytes([m0, m1])))
-        }
-        None => None,
-    }
+    payload
+        .first_chunk::<4>()
+        .map(|&[c0, c1, m0, m1]| (u16::from_be_bytes([c0, c1]), u16::from_be_bytes([m0, m1])))
 }
 
 fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {

@@ -175,10 +175,11 @@ impl Producer {
             tokio::select! {
                 ready = self.conn.stream.ready(interest) => {
                     let ready = ready?;
-                    if ready.is_readable() && self.conn.try_fill()? {
-                        if self.on_frames(&mut tracker, &counters, &mut blocked)? > 0 {
-                            end = Instant::now();
-                        }
+                    if ready.is_readable()
+                        && self.conn.try_fill()?
+                        && self.on_frames(&mut tracker, &counters, &mut blocked)? > 0
+                    {
+                        end = Instant::now();
                     }
                     if ready.is_writable() {
                         self.conn.try_flush()?;
