@@ -96,6 +96,8 @@ impl Broker {
                 vhost.recover_exchange(def);
             }
         }
+        let live: Vec<(String, String)> = defs.queues.keys().cloned().collect();
+        persistence.remove_orphan_stores(&live);
         for def in defs.queues.values() {
             if let Some(vhost) = self.vhost(&def.vhost) {
                 vhost.recover_queue(def);

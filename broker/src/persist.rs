@@ -124,6 +124,28 @@ impl Persistence {
         )
     }
 
+    /// Removes store directories that belong to no durable queue (a queue deleted by a crash
+    /// between its definition record and its files, or a store of a format we replaced).
+    pub fn remove_orphan_stores(&self, live: &[(String, String)]) {
+        let queues = self.root.join("queues");
+        let keep: std::collections::HashSet<PathBuf> = live
+            .iter()
+            .map(|(vhost, name)| self.queue_dir(vhost, name))
+            .collect();
+        let Ok(names) = self.backend.list_dir(&queues) else {
+            return;
+        };
+        for name in names {
+            let dir = queues.join(&name);
+            if !keep.contains(&dir) {
+                warn!(dir = %dir.display(), "removing a message store no durable queue refers to");
+                if let Err(e) = self.backend.remove_dir_all(&dir) {
+                    warn!(error = %e, dir = %dir.display(), "cannot remove an orphan store");
+                }
+            }
+        }
+    }
+
     /// Removes the store directory of a deleted queue.
     pub fn remove_store_dir(&self, vhost: &str, name: &str) {
         let dir = self.queue_dir(vhost, name);
