@@ -287,7 +287,8 @@ BAD_EXPIRATIONS = [
 ]
 
 
-@pytest.mark.parametrize("expiration,why", BAD_EXPIRATIONS, ids=[e for e, _ in BAD_EXPIRATIONS])
+@pytest.mark.parametrize("expiration,why", BAD_EXPIRATIONS,
+                         ids=[repr(e) for e, _ in BAD_EXPIRATIONS])
 def test_invalid_expiration_is_406(s, expiration, why):
     q = declare_queue(s.ch, exclusive=True)
 
