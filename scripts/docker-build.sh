@@ -53,6 +53,18 @@ die() {
   echo "docker-build: $*" >&2
   exit 1
 }
+# build_image TAG DOCKER-BUILD-ARGS...: builds TAG and removes the image it replaces (when no
+# container uses it), so that rebuilds do not pile up dangling images.
+build_image() {
+  local tag=$1 old new
+  shift
+  old=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
+  docker build -t "$tag" "$@"
+  new=$(docker image inspect -f '{{.Id}}' "$tag")
+  if [[ -n $old && $old != "$new" ]]; then
+    docker rmi "$old" >/dev/null 2>&1 || true
+  fi
+}
 
 command -v docker >/dev/null || die "no docker client installed"
 
@@ -98,11 +110,11 @@ chmod 0644 "$STAGE/warren/etc/passwd" "$STAGE/warren/etc/group"
 
 # ---- 3. the broker image ----------------------------------------------------------------------
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
-revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+revision=$(git describe --always --dirty 2>/dev/null || echo unknown)
 say "docker build -t $WARREN_IMAGE ."
 # The engine may lack buildx; then docker uses the legacy builder, which is enough here
 # (FROM scratch, COPY, no RUN), and prints a deprecation notice.
-docker build -t "$WARREN_IMAGE" \
+build_image "$WARREN_IMAGE" \
   --build-arg "WARREN_VERSION=$version" --build-arg "WARREN_REVISION=$revision" \
   -f Dockerfile .
 say "$WARREN_IMAGE: $(docker image inspect -f '{{.Size}}' "$WARREN_IMAGE" | awk '{printf "%.1f MB", $1 / 1e6}')"
@@ -177,7 +189,7 @@ copy_host_path $libs
 cp -a "$pikadir" "$PYSTAGE/app/lib/"
 find "$PYSTAGE" -name __pycache__ -prune -exec rm -rf {} +
 say "docker build -t $WARREN_EXAMPLES_IMAGE -f examples/compose/Dockerfile . (Python $("$pyexe" -c 'import platform; print(platform.python_version())'), pika $("$PY" -c 'import pika; print(pika.__version__)'))"
-docker build -t "$WARREN_EXAMPLES_IMAGE" -f examples/compose/Dockerfile .
+build_image "$WARREN_EXAMPLES_IMAGE" -f examples/compose/Dockerfile .
 # Smoke test: the interpreter starts and finds pika and its native modules.
 docker run --rm --network none --entrypoint /usr/local/bin/python3 "$WARREN_EXAMPLES_IMAGE" \
   -c 'import pika, ssl, socket, json; print("pika", pika.__version__, "ok")' ||
