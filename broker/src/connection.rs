@@ -128,7 +128,10 @@ pub async fn serve<S>(
             conn.broker.close_connection();
         }
         let _ = conn.stream.shutdown().await;
+        let opened = conn.session.is_some();
         match end {
+            // Probes (health checks, port scans) connect and leave before the handshake.
+            End::Closed | End::Io(_) if !opened => debug!("closed before the handshake"),
             End::Closed => info!("connection closed"),
             End::Io(e) => info!(error = %e, "connection closed by I/O error"),
             End::HeartbeatTimeout => warn!("missed heartbeats from client, closing connection"),

@@ -33,8 +33,13 @@ impl Server {
                     info!(addr = %listener.local_addr().unwrap_or(*addr), "listening for AMQP 0-9-1");
                     listeners.push(listener);
                 }
+                // Containers and some hosts have no IPv6 loopback: not worth a warning.
                 Err(e) if addr.is_ipv6() && config.listen.len() > 1 => {
-                    warn!(%addr, error = %e, "skipping IPv6 listener");
+                    if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                        info!(%addr, "no IPv6 loopback here; listening on IPv4 only");
+                    } else {
+                        warn!(%addr, error = %e, "skipping IPv6 listener");
+                    }
                 }
                 Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr}")),
             }
