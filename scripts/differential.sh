@@ -5,6 +5,9 @@
 #
 #   scripts/differential.sh [--no-rust] [--no-pytest] [--no-scenarios] [--keep]
 #
+# Outside CI it is skipped (exit 0) with WARREN_SKIP_RABBITMQ=1 or when rabbitmq-server is
+# missing and cannot be installed, like the differential stage of scripts/test.
+#
 # Stages:
 #   pytest     the parametrised Python suites (test_messaging_*.py, test_kombu.py,
 #              test_aio_pika.py): every test runs as [warren] (a Warren spawned per test) and
@@ -34,7 +37,7 @@ for arg in "$@"; do
     --no-scenarios) RUN_SCENARIOS=0 ;;
     --keep) KEEP=1 ;;
     -h | --help)
-      sed -n '2,27p' "$0"
+      awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
       exit 0
       ;;
     *)
@@ -43,6 +46,19 @@ for arg in "$@"; do
       ;;
   esac
 done
+
+# Same skip rules as scripts/test's differential stage: optional outside CI.
+if [[ -z ${RABBITMQ_ADDR:-} && ${CI:-} != true ]]; then
+  if [[ ${WARREN_SKIP_RABBITMQ:-} == 1 ]]; then
+    echo "differential.sh: skipped (WARREN_SKIP_RABBITMQ=1)"
+    exit 0
+  fi
+  if [[ $(id -u) != 0 ]] && [[ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] &&
+    ! sudo -n true 2>/dev/null; then
+    echo "differential.sh: skipped (rabbitmq-server is not installed and installing it needs root)"
+    exit 0
+  fi
+fi
 
 OUT=${DIFF_OUT:-$ROOT/target/differential}
 mkdir -p "$OUT"
