@@ -50,7 +50,10 @@ impl Broker {
         users.add(&config.default_user, &config.default_pass, loopback_only);
         // Without /proc/meminfo, assume a small machine rather than disabling the alarm.
         let total = total_memory().unwrap_or(1 << 30);
-        let memory = ResourceMonitor::new(config.memory_high_watermark.bytes(total));
+        let memory = ResourceMonitor::with_paging(
+            config.memory_high_watermark.bytes(total),
+            config.memory_paging_ratio,
+        );
         let mut vhosts = HashMap::new();
         vhosts.insert(
             config.default_vhost.clone(),

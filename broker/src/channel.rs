@@ -311,10 +311,12 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         match m {
             queue::AMQPMethod::Declare(d) => {
-                let name = if d.queue.as_str().is_empty() && !d.passive {
+                // An empty name is a request for a server-named queue; a passive declare takes
+                // it literally (RabbitMQ: "no queue '' in vhost '/'"), not as the last queue.
+                let name: Arc<str> = if d.queue.as_str().is_empty() && !d.passive {
                     Arc::from(format!("amq.gen-{}", random_suffix(ctx)))
                 } else {
-                    self.queue_name(d.queue.as_str())?
+                    Arc::from(d.queue.as_str())
                 };
                 let (queue, message_count, consumer_count) =
                     ctx.vhost.declare_queue(QueueDeclare {
@@ -360,8 +362,18 @@ impl Channel {
             queue::AMQPMethod::Unbind(b) => {
                 // Unbinding from a missing queue is not an error in RabbitMQ.
                 let name = self.queue_name(b.queue.as_str())?;
+                // RabbitMQ looks the binding up first: only an existing binding of another
+                // connection's exclusive queue is locked.
+                let destination = Destination::Queue(name.clone());
                 if let Some(queue) = ctx.vhost.queue(&name) {
-                    check_exclusive(&queue, ctx.conn_id)?;
+                    if ctx.vhost.has_binding(
+                        b.exchange.as_str(),
+                        &destination,
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    ) {
+                        check_exclusive(&queue, ctx.conn_id)?;
+                    }
                 }
                 ctx.vhost.unbind(
                     b.exchange.as_str(),
@@ -559,14 +571,21 @@ impl Channel {
         }
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
-            Some(v) => int_value(v)
-                .and_then(|p| i32::try_from(p).ok())
-                .ok_or_else(|| {
-                    AmqpError::precondition_failed(format!(
-                        "invalid arg 'x-priority' for {}",
-                        resource("queue", &queue.name, &ctx.vhost.name)
-                    ))
-                })?,
+            Some(v) => match (
+                crate::vhost::int_check(v, i64::from(i32::MIN), None),
+                int_value(v),
+            ) {
+                (None, Some(p)) => {
+                    i32::try_from(p).unwrap_or(if p < 0 { i32::MIN } else { i32::MAX })
+                }
+                (why, _) => {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "invalid arg 'x-priority' for {}: {}",
+                        resource("queue", &queue.name, &ctx.vhost.name),
+                        why.unwrap_or_default()
+                    )))
+                }
+            },
         };
         let spec = ConsumerSpec {
             key: ConsumerKey::new(self.key, tag.clone()),

@@ -69,6 +69,9 @@ pub struct Config {
     pub log: String,
     /// When messages held in memory reach this, publishing connections are blocked.
     pub memory_high_watermark: Watermark,
+    /// Fraction of the watermark above which queues page messages out to disk (RabbitMQ's
+    /// `vm_memory_high_watermark_paging_ratio`); above 1 paging never starts.
+    pub memory_paging_ratio: f64,
     /// When free space on the data directory's file system falls below this many bytes,
     /// publishing connections are blocked (RabbitMQ's `disk_free_limit`).
     pub disk_free_limit: u64,
@@ -111,6 +114,7 @@ impl Default for Config {
             log: "info".into(),
             memory_high_watermark: Watermark::Relative(0.4),
             disk_free_limit: 50 * 1024 * 1024,
+            memory_paging_ratio: 0.5,
         }
     }
 }
@@ -156,6 +160,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ("log", &["WARREN_LOG", "RUST_LOG"]),
     ("memory_high_watermark", &["WARREN_MEMORY_HIGH_WATERMARK"]),
     ("disk_free_limit", &["WARREN_DISK_FREE_LIMIT"]),
+    ("memory_paging_ratio", &["WARREN_MEMORY_PAGING_RATIO"]),
 ];
 
 impl Config {
@@ -295,6 +300,19 @@ impl Config {
                 } else {
                     return Err(invalid(reason));
                 };
+            }
+            "memory_paging_ratio" => {
+                let ratio = match &value {
+                    RawValue::Str(s) => s.trim().parse::<f64>().ok(),
+                    RawValue::Toml(toml::Value::Float(f)) => Some(*f),
+                    RawValue::Toml(toml::Value::Integer(i)) => Some(*i as f64),
+                    RawValue::Toml(_) => None,
+                }
+                .filter(|r| *r > 0.0 && r.is_finite())
+                .ok_or_else(|| {
+                    invalid("expected a positive number, e.g. 0.5 (above 1: never page)")
+                })?;
+                self.memory_paging_ratio = ratio;
             }
             "disk_free_limit" => {
                 let v = integer(&value, 0, i64::MAX).map_err(|r| invalid(&r))?;

@@ -56,6 +56,9 @@ struct Cli {
     /// Memory for messages before publishers are blocked: a fraction of RAM or bytes.
     #[arg(long)]
     memory_high_watermark: Option<String>,
+    /// Fraction of the memory watermark above which queues page messages to disk.
+    #[arg(long)]
+    memory_paging_ratio: Option<String>,
     /// Free disk space (bytes) below which publishers are blocked.
     #[arg(long)]
     disk_free_limit: Option<String>,
@@ -136,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ("log", &cli.log),
         ("memory_high_watermark", &cli.memory_high_watermark),
         ("disk_free_limit", &cli.disk_free_limit),
+        ("memory_paging_ratio", &cli.memory_paging_ratio),
     ];
     for (key, value) in optional {
         if let Some(v) = value {

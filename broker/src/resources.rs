@@ -14,16 +14,23 @@ use tokio::sync::Notify;
 pub struct ResourceMonitor {
     used: AtomicU64,
     high: u64,
+    /// Paging starts at this many bytes.
+    paging: u64,
     disk_alarm: AtomicBool,
     unblocked: Notify,
 }
 
 impl ResourceMonitor {
-    /// `high` in bytes; 0 disables the alarm.
+    /// `high` in bytes (0 disables the alarm); paging starts at `high * paging_ratio`.
     pub fn new(high: u64) -> Arc<ResourceMonitor> {
+        Self::with_paging(high, 0.5)
+    }
+
+    pub fn with_paging(high: u64, paging_ratio: f64) -> Arc<ResourceMonitor> {
         Arc::new(ResourceMonitor {
             used: AtomicU64::new(0),
             high,
+            paging: (high as f64 * paging_ratio) as u64,
             disk_alarm: AtomicBool::new(false),
             unblocked: Notify::new(),
         })
@@ -53,10 +60,10 @@ impl ResourceMonitor {
         self.high
     }
 
-    /// Whether queues may keep in-memory copies of messages they also hold on disk: below half
-    /// the watermark, so that paging starts well before publishers are blocked.
+    /// Whether queues may keep messages in memory: below the paging threshold (by default
+    /// half the watermark), so that paging starts well before publishers are blocked.
     pub fn may_cache(&self) -> bool {
-        self.high == 0 || self.used() < self.high / 2
+        self.high == 0 || self.used() < self.paging
     }
 
     /// True while publishers must be held back (memory or disk alarm).

@@ -273,6 +273,24 @@ impl VHost {
         Ok(())
     }
 
+    /// Whether this exact binding exists.
+    pub fn has_binding(
+        &self,
+        source: &str,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> bool {
+        self.topology_read()
+            .bindings_for_destination(destination)
+            .iter()
+            .any(|b| {
+                &*b.source == source
+                    && &*b.routing_key == routing_key
+                    && crate::exchange::term::same_table(&b.arguments, arguments)
+            })
+    }
+
     /// Fills `out` with the queues a publish reaches: the routing key, then every CC/BCC key.
     pub fn route(
         &self,
@@ -508,32 +526,82 @@ const KNOWN_QUEUE_ARGS: &[&str] = &[
 
 /// Type and range checks of known x-arguments, with RabbitMQ's 406 text.
 fn validate_queue_arguments(args: &FieldTable, res: &str) -> Result<(), AmqpError> {
-    use crate::channel::int_value;
     use amq_protocol::types::AMQPValue;
     for (key, value) in args {
         let key = key.as_str();
-        let valid = match key {
-            "x-expires" => int_value(value).is_some_and(|v| v > 0),
-            "x-message-ttl" | "x-max-length" | "x-max-length-bytes" => {
-                int_value(value).is_some_and(|v| v >= 0)
-            }
-            "x-max-priority" => int_value(value).is_some_and(|v| (0..=255).contains(&v)),
+        // Why an argument is refused, printed as RabbitMQ's check functions report it.
+        let why: Option<String> = match key {
+            "x-expires" => int_check(value, 1, None),
+            "x-message-ttl" | "x-max-length" | "x-max-length-bytes" => int_check(value, 0, None),
+            "x-max-priority" => int_check(value, 0, Some(255)),
             "x-dead-letter-exchange" | "x-dead-letter-routing-key" | "x-queue-mode" => {
-                matches!(value, AMQPValue::LongString(_) | AMQPValue::ShortString(_))
+                if !matches!(value, AMQPValue::LongString(_)) {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "invalid type '{}' for arg '{key}' in {res}",
+                        crate::exchange::term::type_name(value)
+                    )));
+                }
+                None
             }
-            "x-overflow" => matches!(value, AMQPValue::LongString(s)
-                if matches!(s.as_bytes(), b"drop-head" | b"reject-publish" | b"reject-publish-dlx")),
-            "x-queue-type" => {
-                matches!(value, AMQPValue::LongString(s) if s.as_bytes() == b"classic")
+            "x-overflow" => match value {
+                AMQPValue::LongString(s)
+                    if matches!(
+                        s.as_bytes(),
+                        b"drop-head" | b"reject-publish" | b"reject-publish-dlx"
+                    ) =>
+                {
+                    None
+                }
+                _ => Some("invalid_overflow".into()),
+            },
+            "x-queue-type" => match value {
+                AMQPValue::LongString(s) if s.as_bytes() == b"classic" => None,
+                // Quorum and stream queues are not built yet: refuse rather than pretend.
+                AMQPValue::LongString(s) => Some(format!(
+                    "\"unsupported queue type '{}'\"",
+                    String::from_utf8_lossy(s.as_bytes())
+                )),
+                other => Some(format!(
+                    "\"unsupported queue type '{}'\"",
+                    crate::exchange::term::format_p(other)
+                )),
+            },
+            "x-single-active-consumer" => {
+                (!matches!(value, AMQPValue::Boolean(_))).then(|| "\"expected bool\"".into())
             }
-            "x-single-active-consumer" => matches!(value, AMQPValue::Boolean(_)),
-            _ => true,
+            _ => None,
         };
-        if !valid {
+        if let Some(why) = why {
             return Err(AmqpError::precondition_failed(format!(
-                "invalid arg '{key}' for {res}"
+                "invalid arg '{key}' for {res}: {why}"
             )));
         }
     }
     Ok(())
+}
+
+/// RabbitMQ's integer argument checks: the type, then `{value_zero,V}` / `{value_negative,V}`
+/// below `min`, `{max_value_exceeded,V}` above `max`.
+pub fn int_check(
+    value: &amq_protocol::types::AMQPValue,
+    min: i64,
+    max: Option<i64>,
+) -> Option<String> {
+    let Some(v) = crate::channel::int_value(value) else {
+        return Some(format!(
+            "\"expected integer, got {}\"",
+            crate::exchange::term::type_name(value)
+        ));
+    };
+    if v < min {
+        return Some(if v == 0 {
+            "{value_zero,0}".to_string()
+        } else {
+            format!("{{value_negative,{v}}}")
+        });
+    }
+    match max {
+        Some(max) if v > max => Some(format!("{{max_value_exceeded,{v}}}")),
+        _ => None,
+    }
 }

@@ -20,13 +20,16 @@ def _blocked_events(conn):
 
 def test_memory_alarm_holds_publishers_until_consumers_drain(tmp_path):
     # 2 MB of messages in memory at most: 1 KiB bodies reach it after ~1,800 messages.
-    info = start_warren(tmp_path, ["--memory-high-watermark", "2000000"])
+    # Paging to disk is turned off (ratio above 1), or it would keep memory below the alarm.
+    info = start_warren(tmp_path, ["--memory-high-watermark", "2000000",
+                                   "--memory-paging-ratio", "2"])
     try:
         pub = pika.BlockingConnection(info.pika_params())
         events = _blocked_events(pub)
         ch = pub.channel()
         ch.queue_declare("mq")
-        total = 6000
+        # Well beyond what loopback socket buffers absorb (several MB) once reading stops.
+        total = 30000
         published = []
 
         def publish():
@@ -36,7 +39,7 @@ def test_memory_alarm_holds_publishers_until_consumers_drain(tmp_path):
 
         t = threading.Thread(target=publish)
         t.start()
-        time.sleep(1.5)
+        time.sleep(4)
         # The publisher is stuck well short of its goal: the broker stopped reading it.
         assert len(published) < total, "publisher was never held back"
         # A consumer on another connection is not blocked and drains the queue.
@@ -57,6 +60,36 @@ def test_memory_alarm_holds_publishers_until_consumers_drain(tmp_path):
         assert events[-1] == ("unblocked", None)
         con.close()
         pub.close()
+    finally:
+        stop_warren(info)
+
+
+def test_paging_keeps_publishers_running_with_memory_bounded(tmp_path):
+    # Same limit, paging on (the default ratio 0.5): messages go to disk past 1 MB and the
+    # publisher is never blocked, yet every message comes back in order.
+    info = start_warren(tmp_path, ["--memory-high-watermark", "2000000"])
+    try:
+        conn = pika.BlockingConnection(info.pika_params())
+        events = _blocked_events(conn)
+        ch = conn.channel()
+        ch.queue_declare("pq")
+        total = 6000
+        for i in range(total):
+            ch.basic_publish("", "pq", b"%06d" % i + b"x" * 1018)
+        conn.process_data_events(0.5)
+        assert events == []
+        assert ch.queue_declare("pq", passive=True).method.message_count == total
+        spill = list((tmp_path / "data-0" / "spill").rglob("msgs.*"))
+        assert spill and sum(f.stat().st_size for f in spill) > 2_000_000
+        got = []
+        for method, _props, body in ch.consume("pq", auto_ack=True, inactivity_timeout=5):
+            if method is None:
+                break
+            got.append(int(body[:6]))
+            if len(got) == total:
+                break
+        assert got == list(range(total))
+        conn.close()
     finally:
         stop_warren(info)
 
