@@ -637,6 +637,15 @@ impl Channel {
                 )));
             }
         }
+        let ttl = match &content.header.expiration {
+            None => None,
+            Some(raw) => Some(crate::message::parse_expiration(raw).map_err(|why| {
+                AmqpError::precondition_failed(format!(
+                    "invalid expiration '{}': {why}",
+                    String::from_utf8_lossy(raw)
+                ))
+            })?),
+        };
         let headers = content
             .header
             .headers()
@@ -703,6 +712,8 @@ impl Channel {
                 header: header.detached(),
                 body: Bytes::copy_from_slice(&content.body),
                 charge,
+                published: std::time::Instant::now(),
+                ttl,
             });
             let mut delivered = 0usize;
             for name in routes.iter() {

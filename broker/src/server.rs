@@ -83,7 +83,7 @@ impl Server {
             tokio::spawn(accept_loop(listener, broker, shutdown, done));
         }
         drop(done_tx);
-        let syncer = tokio::spawn(sync_periodically(self.broker.clone()));
+        let syncer = tokio::spawn(housekeeping(self.broker.clone()));
         let disk_watcher = tokio::spawn(watch_disk(self.broker.clone()));
         stop.await;
         info!(
@@ -113,20 +113,22 @@ impl Server {
     }
 }
 
-/// Persistent messages published without confirms still reach the disk within this period.
-const BACKGROUND_SYNC: Duration = Duration::from_millis(200);
+/// Persistent messages published without confirms still reach the disk within this period,
+/// and expired messages leave queue heads this often.
+const HOUSEKEEPING: Duration = Duration::from_millis(200);
 
-/// Group-commits stores that have unsynced writes nobody is waiting for.
-async fn sync_periodically(broker: Arc<Broker>) {
-    let Some(persistence) = broker.persistence.clone() else {
-        return;
-    };
-    let mut tick = tokio::time::interval(BACKGROUND_SYNC);
+/// Group-commits stores that have unsynced writes nobody is waiting for, and drops expired
+/// messages from queue heads.
+async fn housekeeping(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
     loop {
         tick.tick().await;
         for vhost in broker.vhosts() {
             for queue in vhost.queues() {
-                if let Some(handle) = queue.prepare_sync() {
+                queue.drop_expired();
+                if let (Some(persistence), Some(handle)) =
+                    (broker.persistence.as_ref(), queue.prepare_sync())
+                {
                     persistence.sync.request(handle, |_| {});
                 }
             }

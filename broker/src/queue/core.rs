@@ -241,6 +241,11 @@ impl<M> QueueCore<M> {
         seq
     }
 
+    /// The oldest ready message, if any. O(1).
+    pub fn front(&self) -> Option<&M> {
+        self.ready.entries.front().map(|e| &e.msg)
+    }
+
     /// Removes the oldest ready message (x-overflow drop-head). O(1).
     pub fn drop_head(&mut self) -> Option<M> {
         self.ready.pop_front().map(|e| e.msg)

@@ -142,6 +142,8 @@ pub enum Overflow {
 /// messages only, as RabbitMQ does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Limits {
+    /// `x-message-ttl`: messages older than this are dropped when they reach the head.
+    pub message_ttl: Option<std::time::Duration>,
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
@@ -165,6 +167,7 @@ impl Limits {
             _ => Overflow::DropHead,
         };
         Limits {
+            message_ttl: int("x-message-ttl").map(std::time::Duration::from_millis),
             max_length: int("x-max-length"),
             max_length_bytes: int("x-max-length-bytes"),
             overflow,
@@ -269,12 +272,18 @@ impl QueueState {
                             &header,
                             &stored.body,
                         ));
+                        let ttl = header
+                            .expiration
+                            .as_ref()
+                            .and_then(|raw| crate::message::parse_expiration(raw).ok());
                         Ok(Arc::new(Message {
                             exchange: stored.exchange,
                             routing_key: stored.routing_key,
                             header,
                             body: stored.body,
                             charge,
+                            published: crate::message::instant_of_ms(stored.timestamp_ms),
+                            ttl,
                         }))
                     });
                 match read {
@@ -335,7 +344,7 @@ impl QueueState {
         };
         let stored = StoredMessage {
             flags: 0,
-            timestamp_ms: now_ms(),
+            timestamp_ms: crate::message::now_ms(),
             exchange: &msg.exchange,
             routing_key: &msg.routing_key,
             properties: &msg.header.raw_properties,
@@ -425,7 +434,7 @@ impl Queue {
             Some(store) if msg.is_persistent() => {
                 let stored = StoredMessage {
                     flags: 0,
-                    timestamp_ms: now_ms(),
+                    timestamp_ms: crate::message::now_ms(),
                     exchange: &msg.exchange,
                     routing_key: &msg.routing_key,
                     properties: &msg.header.raw_properties,
@@ -451,8 +460,8 @@ impl Queue {
             }
             _ => QMsg::Mem(msg),
         };
-        st.core.publish(entry);
-        self.dispatch_locked(&mut st);
+        let seq = st.core.publish(entry);
+        self.dispatch_fresh(&mut st, Some(seq));
         // drop-head: whatever no consumer took and does not fit goes, oldest first.
         while limits.over(st.core.message_count() as u64, st.core.ready_bytes()) {
             match st.core.drop_head() {
@@ -461,6 +470,37 @@ impl Queue {
             }
         }
         outcome
+    }
+
+    /// Drops expired messages at the head (per-message `expiration` or `x-message-ttl`), so that
+    /// counts stay right even when nobody consumes. Returns how many went.
+    pub fn drop_expired(&self) -> usize {
+        let mut st = self.lock();
+        let ttl = self.props.limits.message_ttl;
+        let now = std::time::Instant::now();
+        let mut dropped = 0;
+        while let Some(front) = st.core.front().cloned() {
+            let expired = match &front {
+                QMsg::Mem(m) | QMsg::Stored(_, Some(m)) => m.is_expired(ttl, now),
+                // Reading a paged-out head back costs a disk read: only worth it when the
+                // queue itself has a TTL; a per-message TTL alone is applied at delivery.
+                _ if ttl.is_none() => break,
+                _ => match st.load(&front, &self.memory, &self.name) {
+                    Some(m) => m.is_expired(ttl, now),
+                    None => {
+                        st.core.drop_head();
+                        continue;
+                    }
+                },
+            };
+            if !expired {
+                break;
+            }
+            st.core.drop_head();
+            st.forget(&front, &self.name);
+            dropped += 1;
+        }
+        dropped
     }
 
     /// The files to fsync so that every message stored so far is durable (None if nothing).
@@ -510,6 +550,14 @@ impl Queue {
                 }
                 continue;
             };
+            if msg.is_expired(self.props.limits.message_ttl, std::time::Instant::now()) {
+                // Expired at the head: dropped (dead-lettering comes with DLX support).
+                if !no_ack {
+                    st.core.ack(got.seq);
+                }
+                st.forget(&got.msg, &self.name);
+                continue;
+            }
             if no_ack {
                 st.forget(&got.msg, &self.name);
             } else {
@@ -584,9 +632,18 @@ impl Queue {
     }
 
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
+        self.dispatch_fresh(st, None);
+    }
+
+    /// Delivers what can be delivered. `fresh` is a message being published right now: it may
+    /// go to a waiting consumer whatever its TTL (RabbitMQ's rule that TTL 0 still reaches a
+    /// consumer that is ready).
+    fn dispatch_fresh(self: &Arc<Self>, st: &mut QueueState, fresh: Option<MsgSeq>) {
         if st.deleted {
             return;
         }
+        let ttl = self.props.limits.message_ttl;
+        let now = std::time::Instant::now();
         let mut touched_store = false;
         loop {
             let delivery = {
@@ -616,6 +673,15 @@ impl Queue {
                 continue;
             };
             touched_store |= d.msg.location().is_some();
+            if Some(d.seq) != fresh && msg.is_expired(ttl, now) {
+                if !d.no_ack {
+                    st.core.ack(d.seq);
+                }
+                st.forget(&d.msg, &self.name);
+                sink.limiter.settled(1);
+                sink.limiter.written();
+                continue;
+            }
             if d.no_ack {
                 st.forget(&d.msg, &self.name);
             } else {
@@ -712,13 +778,6 @@ impl Queue {
     pub fn is_deleted(&self) -> bool {
         self.lock().deleted
     }
-}
-
-/// Milliseconds since the Unix epoch, stored with each message (for TTLs across restarts).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Records that a stored message went out, so that after a restart it is redelivered=true.
