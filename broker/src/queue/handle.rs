@@ -24,6 +24,10 @@ use crate::message::Message;
 use crate::persist::Persistence;
 use crate::resources::ResourceMonitor;
 
+/// Stored messages published while fewer than this many are ready keep an in-memory copy;
+/// deeper ones are read back from disk (the page cache) when their turn comes.
+const CACHE_DEPTH: usize = 1024;
+
 /// Deliveries written to a connection's mailbox but not yet encoded, per channel. Bounds the
 /// memory a fast queue can push at a slow connection (no-ack consumers have no prefetch).
 pub const IN_FLIGHT_CAP: u32 = 2000;
@@ -196,11 +200,17 @@ pub enum Enqueued {
 /// A message as a queue holds it.
 ///
 /// Persistent messages of durable queues live in the queue's store; the queue keeps the
-/// 12-byte location and, while memory allows, a cached copy for fast delivery.
+/// 12-byte location and, near the head and while memory allows, a cached copy.
 #[derive(Debug, Clone)]
+///
+/// Kept to 16 bytes (a ready entry is 32 with its sequence number and flag): the location of
+/// a stored message with a cached copy is boxed, since only messages near the head have one.
 pub enum QMsg {
     Mem(Arc<Message>),
-    Stored(MsgLocation, Option<Arc<Message>>),
+    /// Persistent, in the queue's store only.
+    Stored(MsgLocation),
+    /// Persistent, in the store and, near the head, cached in memory.
+    Cached(Box<(MsgLocation, Arc<Message>)>),
     /// A transient message paged out to the queue's spill file because memory ran short.
     Spilled(MsgLocation),
 }
@@ -209,14 +219,16 @@ impl QMsg {
     fn size(&self) -> u64 {
         match self {
             QMsg::Mem(m) => m.body_size(),
-            QMsg::Stored(loc, _) | QMsg::Spilled(loc) => u64::from(loc.len),
+            QMsg::Stored(loc) | QMsg::Spilled(loc) => u64::from(loc.len),
+            QMsg::Cached(c) => u64::from(c.0.len),
         }
     }
 
     /// Location in the durable store.
     fn location(&self) -> Option<MsgLocation> {
         match self {
-            QMsg::Stored(loc, _) => Some(*loc),
+            QMsg::Stored(loc) => Some(*loc),
+            QMsg::Cached(c) => Some(c.0),
             QMsg::Mem(_) | QMsg::Spilled(_) => None,
         }
     }
@@ -253,8 +265,9 @@ impl QueueState {
         queue: &str,
     ) -> Option<Arc<Message>> {
         match msg {
-            QMsg::Mem(m) | QMsg::Stored(_, Some(m)) => Some(m.clone()),
-            QMsg::Stored(loc, None) | QMsg::Spilled(loc) => {
+            QMsg::Mem(m) => Some(m.clone()),
+            QMsg::Cached(c) => Some(c.1.clone()),
+            QMsg::Stored(loc) | QMsg::Spilled(loc) => {
                 let store = match msg {
                     QMsg::Spilled(_) => self.spill.as_mut()?,
                     _ => self.store.as_mut()?,
@@ -311,7 +324,8 @@ impl QueueState {
     /// The message left the queue for good (acked, consumed without ack, dropped, purged).
     fn forget(&mut self, msg: &QMsg, queue: &str) {
         let (loc, store) = match msg {
-            QMsg::Stored(loc, _) => (*loc, self.store.as_mut()),
+            QMsg::Stored(loc) => (*loc, self.store.as_mut()),
+            QMsg::Cached(c) => (c.0, self.store.as_mut()),
             QMsg::Spilled(loc) => (*loc, self.spill.as_mut()),
             QMsg::Mem(_) => return,
         };
@@ -402,7 +416,7 @@ impl Queue {
     pub fn restore(&self, messages: &[RecoveredMessage]) {
         let mut st = self.lock();
         for m in messages {
-            st.core.enqueue(QMsg::Stored(m.loc, None), m.delivered);
+            st.core.enqueue(QMsg::Stored(m.loc), m.delivered);
         }
     }
 
@@ -443,9 +457,15 @@ impl Queue {
                 match store.append(&stored) {
                     Ok(loc) => {
                         outcome = Enqueued::Persisted;
-                        // Keep a copy in RAM only while memory is plentiful: the disk holds it.
-                        let cached = self.memory.may_cache().then_some(msg);
-                        QMsg::Stored(loc, cached)
+                        // Keep a copy in RAM only near the head (it will be delivered soon)
+                        // and while memory is plentiful: a backlog costs its index, not its
+                        // bodies.
+                        let near_head = st.core.message_count() < CACHE_DEPTH;
+                        if near_head && self.memory.may_cache() {
+                            QMsg::Cached(Box::new((loc, msg)))
+                        } else {
+                            QMsg::Stored(loc)
+                        }
                     }
                     Err(e) => {
                         error!(queue = %self.name, error = %e, "cannot store a persistent message");
@@ -481,7 +501,8 @@ impl Queue {
         let mut dropped = 0;
         while let Some(front) = st.core.front().cloned() {
             let expired = match &front {
-                QMsg::Mem(m) | QMsg::Stored(_, Some(m)) => m.is_expired(ttl, now),
+                QMsg::Mem(m) => m.is_expired(ttl, now),
+                QMsg::Cached(c) => c.1.is_expired(ttl, now),
                 // Reading a paged-out head back costs a disk read: only worth it when the
                 // queue itself has a TTL; a per-message TTL alone is applied at delivery.
                 _ if ttl.is_none() => break,
@@ -784,5 +805,16 @@ impl Queue {
 fn mark_delivered(st: &mut QueueState, msg: &QMsg) {
     if let (Some(loc), Some(store)) = (msg.location(), st.store.as_mut()) {
         let _ = store.mark_delivered(loc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RAM per queued message is this plus the queue's 16 bytes of sequence number and flags.
+    #[test]
+    fn a_queued_message_index_entry_is_16_bytes() {
+        assert_eq!(std::mem::size_of::<QMsg>(), 16);
     }
 }
