@@ -745,6 +745,8 @@ impl Queue {
             if let Err(e) = store.purge(&locs) {
                 warn!(queue = %self.name, error = %e, "cannot record a purge in the queue's store");
             }
+            // purge-ok is an answer: the purge must survive a crash of the process.
+            st.flush_store(&self.name);
         }
         purged.len()
     }
