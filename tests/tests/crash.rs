@@ -463,11 +463,19 @@ async fn drain(broker: &Broker) -> (Vec<(Result<u64, String>, bool)>, Vec<String
         )
         .await
         .unwrap();
+    // Errors the consumer saw (a channel or connection closed by the broker), for the report.
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let errs = errors.clone();
     c.set_delegate(move |d: DeliveryResult| {
         let tx = tx.clone();
+        let errs = errs.clone();
         async move {
-            if let Ok(Some(d)) = d {
-                let _ = tx.send(d);
+            match d {
+                Ok(Some(d)) => {
+                    let _ = tx.send(d);
+                }
+                Ok(None) => {}
+                Err(e) => errs.lock().unwrap().push(e.to_string()),
             }
         }
     });
@@ -475,15 +483,25 @@ async fn drain(broker: &Broker) -> (Vec<(Result<u64, String>, bool)>, Vec<String
     // through the prefetch window.
     let mut got: Vec<Delivery> = Vec::with_capacity(count);
     let (mut highest, mut acked) = (0, 0);
+    let mut channel_ok = true;
     while got.len() < count {
         match tokio::time::timeout(WAIT, rx.recv()).await {
             Ok(Some(d)) => {
                 highest = highest.max(d.delivery_tag);
                 got.push(d);
-                if got.len().is_multiple_of(256) {
-                    ch.basic_ack(highest, BasicAckOptions { multiple: true })
+                // (lapin hands deliveries over out of order: only ack past the last ack.)
+                if got.len().is_multiple_of(256) && highest > acked {
+                    if let Err(e) = ch
+                        .basic_ack(highest, BasicAckOptions { multiple: true })
                         .await
-                        .unwrap();
+                    {
+                        failures.push(format!(
+                            "drain: ack (multiple) of tag {highest} after {} deliveries: {e}",
+                            got.len()
+                        ));
+                        channel_ok = false;
+                        break;
+                    }
                     acked = highest;
                 }
             }
@@ -507,16 +525,34 @@ async fn drain(broker: &Broker) -> (Vec<(Result<u64, String>, bool)>, Vec<String
         got.push(d);
     }
     got.sort_by_key(|d| d.delivery_tag);
-    if highest > acked {
-        ch.basic_ack(highest, BasicAckOptions { multiple: true })
+    if channel_ok && highest > acked {
+        if let Err(e) = ch
+            .basic_ack(highest, BasicAckOptions { multiple: true })
             .await
-            .unwrap();
+        {
+            failures.push(format!("drain: final ack of tag {highest}: {e}"));
+            channel_ok = false;
+        }
     }
-    if highest > 0 {
+    if channel_ok && highest > 0 {
         // Settles the acks (see the module doc).
-        ch.basic_qos(1000, BasicQosOptions::default())
-            .await
-            .unwrap();
+        if let Err(e) = ch.basic_qos(1000, BasicQosOptions::default()).await {
+            failures.push(format!("drain: basic.qos after the acks: {e}"));
+        }
+    }
+    for e in errors.lock().unwrap().iter() {
+        failures.push(format!("drain: the consumer got an error: {e}"));
+    }
+    if !failures.is_empty() {
+        let tags: Vec<u64> = got.iter().map(|d| d.delivery_tag).collect();
+        let gaps = tags.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        failures.push(format!(
+            "drain: {} deliveries, tags {:?}..{:?}, {gaps} gaps, connection open: {}",
+            got.len(),
+            tags.first(),
+            tags.last(),
+            conn.status().connected()
+        ));
     }
     let out = got
         .iter()
