@@ -221,6 +221,10 @@ impl Consumer {
         let mut last_delivery: Option<Instant> = None;
         let limit = plan.cmessages;
         let stop_when_idle = limit.is_none() && plan.pmessages.is_some();
+        // Deliveries can arrive in the same read as consume-ok: they are already buffered and
+        // no readiness event will announce them (with the prefetch window full, nothing more
+        // comes), so the first pass handles the buffer without waiting.
+        let mut leftover = !self.conn.rbuf.is_empty();
         loop {
             if *stop.borrow() || limit.is_some_and(|l| received >= l) {
                 break;
@@ -249,9 +253,16 @@ impl Consumer {
                 wake = wake.min(d);
             }
             tokio::select! {
-                ready = self.conn.stream.ready(interest) => {
+                ready = async {
+                    if leftover {
+                        Ok(tokio::io::Ready::READABLE)
+                    } else {
+                        self.conn.stream.ready(interest).await
+                    }
+                } => {
                     let ready = ready?;
-                    if ready.is_readable() && self.conn.try_fill()? {
+                    let buffered = std::mem::take(&mut leftover);
+                    if ready.is_readable() && (buffered || self.conn.try_fill()?) {
                         let at = Instant::now();
                         let now_ns = epoch_ns(at);
                         let before = received;
