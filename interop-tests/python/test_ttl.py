@@ -26,6 +26,8 @@ def test_queue_ttl_drops_messages_without_consumers(broker):
     ch = conn.channel()
     q = uniq("ttl")
     ch.queue_declare(q, arguments={"x-message-ttl": 300}, auto_delete=True)
+    # Confirmed publishes are enqueued, so the count below cannot lag them.
+    ch.confirm_delivery()
     for i in range(5):
         ch.basic_publish("", q, b"%d" % i)
     assert _count(ch, q) == 5
@@ -38,8 +40,10 @@ def test_per_message_expiration_and_the_smaller_ttl_wins(broker):
     ch = conn.channel()
     q = uniq("ttl")
     ch.queue_declare(q, arguments={"x-message-ttl": 60000}, auto_delete=True)
+    ch.confirm_delivery()
     ch.basic_publish("", q, b"short", pika.BasicProperties(expiration="200"))
     ch.basic_publish("", q, b"long", pika.BasicProperties(expiration="600000"))
+    assert _count(ch, q) == 2
     assert _wait_count(ch, q, 1)
     _m, props, body = ch.basic_get(q, auto_ack=True)
     assert (body, props.expiration) == (b"long", "600000")
