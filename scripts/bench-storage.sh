@@ -85,12 +85,21 @@ warren_launch() {
 
 warren_pid() { cat "$WORK/warren/pid"; }
 
+# True while PID runs. An exited process that is not reaped yet (a zombie: the brokers are
+# started detached, so their parent is init, which may reap them only a second later) counts
+# as gone.
+alive() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z && $state != X ]]
+}
+
 # wait_gone PID SECONDS
 wait_gone() {
   local pid=$1 deadline=$((SECONDS + $2))
-  while kill -0 "$pid" 2>/dev/null; do
+  while alive "$pid"; do
     ((SECONDS < deadline)) || return 1
-    sleep 0.05
+    sleep 0.02
   done
 }
 
@@ -181,7 +190,7 @@ broker_start() {
       warren_launch
       local deadline=$((SECONDS + 60))
       until port_open "$WARREN_PORT"; do
-        kill -0 "$(warren_pid)" 2>/dev/null || { tail -n 20 "$WORK/warren/warren.log" >&2; return 1; }
+        alive "$(warren_pid)" || { tail -n 20 "$WORK/warren/warren.log" >&2; return 1; }
         ((SECONDS < deadline)) || return 1
         sleep 0.05
       done
@@ -245,6 +254,7 @@ for b in $BROKERS; do
 done
 
 BENCH_START=$SECONDS
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- (a) throughput -----------------------------------------------------------------------
 A_ARGS="-x 1 -y 1 -s 1024 -p -c 1000 -q 1000 -A 100 -z $DURATION"
@@ -329,6 +339,7 @@ machine() {
   echo "- Warren: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- broker storage protocol 2>/dev/null || echo ' + local changes'), release build (\`cargo build --release\`), default settings"
   echo "- RabbitMQ: $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null) (Debian), Erlang/OTP $(dpkg-query -W -f='${Version}' erlang-base 2>/dev/null), classic queues, default settings, started by scripts/rabbitmq.sh"
   echo "- Load generator: target/release/warren-perf, on the same machine"
+  echo "- Load average (1, 5, 15 min) at the start: $LOAD_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine competes for the same cores)"
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 }
 

@@ -391,6 +391,45 @@ fn assert_inequivalent(what: &str, r: Result<impl std::fmt::Debug, (u16, String)
     }
 }
 
+// ---- the harness ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_port_and_data_dir_and_appends_to_the_log() {
+    if skip_unless_warren("restarts the broker process") {
+        return;
+    }
+    let mut broker = start();
+    let (port, data) = (broker.port(), broker.data_dir().to_path_buf());
+    let pid = broker.pid();
+    restart(&mut broker, Restart::Kill);
+    restart(&mut broker, Restart::Graceful);
+    assert_eq!(broker.port(), port);
+    assert_eq!(broker.data_dir(), data);
+    assert_ne!(broker.pid(), pid);
+    assert_eq!(broker.starts(), 3);
+    let logs = broker.logs();
+    assert!(
+        logs.contains("---- restart 1 ----") && logs.contains("---- restart 2 ----"),
+        "{logs}"
+    );
+    // Answering AMQP means recovery is over: a client gets connection.start at once.
+    assert!(warren_tests::broker::answers_amqp(
+        broker.addr(),
+        Duration::from_secs(1)
+    ));
+    // start_in: a data dir the test owns outlives the broker.
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Broker::start_in(&dir.path().join("data"), &[]).unwrap();
+    let conn = connect(&a).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_queue(&ch, "owned", durable_queue(), FieldTable::default()).await;
+    a.kill();
+    drop(a);
+    let b = Broker::start_in(&dir.path().join("data"), &[]).unwrap();
+    let conn = connect(&b).await;
+    assert_eq!(queue_state(&conn, "owned").await, Some((0, 0)));
+}
+
 // ---- exchanges ----------------------------------------------------------------------------
 
 struct ExchangeSpec {
