@@ -441,7 +441,7 @@ row("RSS idle, empty", lambda b: fmt((kb(f"b.{b}.rss_idle_kb") or 0) / 1024, 1, 
 row(f"RSS with {n:,} queued", lambda b: fmt((kb(f"b.{b}.rss_loaded_kb") or 0) / 1024, 1, " MiB") if kb(f"b.{b}.rss_loaded_kb") else "n/a")
 row("**RSS growth per message** (target <= 40 B)", lambda b: "**" + per_msg(b, "rss_loaded_kb") + "**")
 row("state on disk", lambda b: fmt((kb(f"b.{b}.disk_kb") or 0) / 1024, 1, " MiB") if kb(f"b.{b}.disk_kb") else "n/a")
-row("graceful stop took", lambda b: fmt(vals.get(f"b.{b}.stop_s"), 2, " s"))
+row("graceful stop took (RabbitMQ: `rabbitmqctl shutdown`, CLI start-up included)", lambda b: fmt(vals.get(f"b.{b}.stop_s"), 2, " s"))
 row("**restart after graceful stop until all ready** (target < 2 s)",
     lambda b: "**" + fmt(vals.get(f"b.{b}.restart_after_stop_s"), 2, " s") + "**"
     + ("" if get(f"b.{b}.restart_after_stop", "recovered") else " (not all recovered: "
