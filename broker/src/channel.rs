@@ -778,7 +778,7 @@ impl Channel {
         }
         let mut handle = warren_storage::SyncHandle::default();
         for (_, queue) in self.unsynced_queues.drain() {
-            if let Some(h) = queue.prepare_sync() {
+            if let Some(h) = queue.prepare_sync(true) {
                 handle.merge(h);
             }
         }

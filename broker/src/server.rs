@@ -127,7 +127,7 @@ async fn housekeeping(broker: Arc<Broker>) {
             for queue in vhost.queues() {
                 queue.drop_expired();
                 if let (Some(persistence), Some(handle)) =
-                    (broker.persistence.as_ref(), queue.prepare_sync())
+                    (broker.persistence.as_ref(), queue.prepare_sync(false))
                 {
                     persistence.sync.request(handle, |_| {});
                 }

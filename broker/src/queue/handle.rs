@@ -250,6 +250,9 @@ struct QueueState {
     limiters: HashMap<ChannelKey, Arc<ChannelLimiter>>,
     /// The message store of a durable queue.
     store: Option<QueueStore>,
+    /// Something was written to `store` since the last sync was prepared: an idle queue then
+    /// costs the background sync nothing.
+    written_since_sync: bool,
     /// Where transient messages go when memory runs short; created on first use.
     spill: Option<QueueStore>,
     deleted: bool,
@@ -324,8 +327,14 @@ impl QueueState {
     /// The message left the queue for good (acked, consumed without ack, dropped, purged).
     fn forget(&mut self, msg: &QMsg, queue: &str) {
         let (loc, store) = match msg {
-            QMsg::Stored(loc) => (*loc, self.store.as_mut()),
-            QMsg::Cached(c) => (c.0, self.store.as_mut()),
+            QMsg::Stored(loc) => {
+                self.written_since_sync = true;
+                (*loc, self.store.as_mut())
+            }
+            QMsg::Cached(c) => {
+                self.written_since_sync = true;
+                (c.0, self.store.as_mut())
+            }
             QMsg::Spilled(loc) => (*loc, self.spill.as_mut()),
             QMsg::Mem(_) => return,
         };
@@ -406,6 +415,7 @@ impl Queue {
                 sinks: HashMap::new(),
                 limiters: HashMap::new(),
                 store,
+                written_since_sync: false,
                 spill: None,
                 deleted: false,
             }),
@@ -457,6 +467,7 @@ impl Queue {
                 match store.append(&stored) {
                     Ok(loc) => {
                         outcome = Enqueued::Persisted;
+                        st.written_since_sync = true;
                         // Keep a copy in RAM only near the head (it will be delivered soon)
                         // and while memory is plentiful: a backlog costs its index, not its
                         // bodies.
@@ -525,8 +536,16 @@ impl Queue {
     }
 
     /// The files to fsync so that every message stored so far is durable (None if nothing).
-    pub fn prepare_sync(&self) -> Option<SyncHandle> {
+    ///
+    /// `force` prepares one even when nothing was written since the last (a publisher confirm
+    /// must wait for a sync that covers its message, whoever prepared it); the background
+    /// sync passes false so that idle queues cost no fsync.
+    pub fn prepare_sync(&self, force: bool) -> Option<SyncHandle> {
         let mut st = self.lock();
+        if !force && !st.written_since_sync {
+            return None;
+        }
+        st.written_since_sync = false;
         let store = st.store.as_mut()?;
         match store.prepare_sync() {
             Ok(handle) if !handle.is_empty() => Some(handle),
@@ -741,6 +760,9 @@ impl Queue {
             let _ = spill.purge(&spilled);
         }
         let locs: Vec<MsgLocation> = purged.iter().filter_map(QMsg::location).collect();
+        if !locs.is_empty() && st.store.is_some() {
+            st.written_since_sync = true;
+        }
         if let (false, Some(store)) = (locs.is_empty(), st.store.as_mut()) {
             if let Err(e) = store.purge(&locs) {
                 warn!(queue = %self.name, error = %e, "cannot record a purge in the queue's store");
@@ -807,6 +829,7 @@ impl Queue {
 fn mark_delivered(st: &mut QueueState, msg: &QMsg) {
     if let (Some(loc), Some(store)) = (msg.location(), st.store.as_mut()) {
         let _ = store.mark_delivered(loc);
+        st.written_since_sync = true;
     }
 }
 
