@@ -186,12 +186,11 @@ impl Channel {
                 if self.confirms.is_none() {
                     self.confirms = Some(ConfirmTracker::new());
                 }
-                if !select.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    select.nowait,
+                    AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                );
                 Ok(())
             }
             Method::Other(AMQPClass::Tx(m)) => self.handle_tx(ctx, m),
@@ -205,6 +204,13 @@ impl Channel {
 
     fn send(&self, ctx: &mut ConnCtx<'_>, method: AMQPClass) {
         encode_method(ctx.out, self.id, &method);
+    }
+
+    /// The `-ok` reply of a method, unless the client asked for nowait.
+    fn reply(&self, ctx: &mut ConnCtx<'_>, nowait: bool, method: AMQPClass) {
+        if !nowait {
+            self.send(ctx, method);
+        }
     }
 
     // ------------------------------------------------------------------ exchange class
@@ -226,51 +232,41 @@ impl Channel {
                     d.internal,
                     &d.arguments,
                 )?;
-                if !d.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
-                            exchange::DeclareOk {},
-                        )),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    d.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})),
+                );
             }
             exchange::AMQPMethod::Delete(d) => {
                 vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
-                if !d.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    d.nowait,
+                    AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                );
             }
             exchange::AMQPMethod::Bind(b) => {
+                let destination = Destination::Exchange(Arc::from(b.destination.as_str()));
                 vhost.bind(
                     b.source.as_str(),
-                    Destination::Exchange(Arc::from(b.destination.as_str())),
+                    destination,
                     b.routing_key.as_str(),
                     &b.arguments,
                 )?;
-                if !b.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
-                    );
-                }
+                let ok = exchange::AMQPMethod::BindOk(exchange::BindOk {});
+                self.reply(ctx, b.nowait, AMQPClass::Exchange(ok));
             }
             exchange::AMQPMethod::Unbind(b) => {
+                let destination = Destination::Exchange(Arc::from(b.destination.as_str()));
                 vhost.unbind(
                     b.source.as_str(),
-                    Destination::Exchange(Arc::from(b.destination.as_str())),
+                    destination,
                     b.routing_key.as_str(),
                     &b.arguments,
                 )?;
-                if !b.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
-                    );
-                }
+                let ok = exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {});
+                self.reply(ctx, b.nowait, AMQPClass::Exchange(ok));
             }
             _ => {
                 return Err(AmqpError::command_invalid(
@@ -333,16 +329,15 @@ impl Channel {
                     ctx.exclusive_queues.push(queue.name.clone());
                 }
                 self.last_queue = Some(queue.name.clone());
-                if !d.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                            queue: short_string(&queue.name),
-                            message_count,
-                            consumer_count,
-                        })),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    d.nowait,
+                    AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                        queue: short_string(&queue.name),
+                        message_count,
+                        consumer_count,
+                    })),
+                );
             }
             queue::AMQPMethod::Bind(b) => {
                 let queue = self.find_queue(ctx, b.queue.as_str())?;
@@ -352,12 +347,11 @@ impl Channel {
                     b.routing_key.as_str(),
                     &b.arguments,
                 )?;
-                if !b.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    b.nowait,
+                    AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                );
             }
             queue::AMQPMethod::Unbind(b) => {
                 // Unbinding from a missing queue is not an error in RabbitMQ.
@@ -389,14 +383,11 @@ impl Channel {
             queue::AMQPMethod::Purge(p) => {
                 let queue = self.find_queue(ctx, p.queue.as_str())?;
                 let message_count = u32::try_from(queue.purge()).unwrap_or(u32::MAX);
-                if !p.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
-                            message_count,
-                        })),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    p.nowait,
+                    AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count })),
+                );
             }
             queue::AMQPMethod::Delete(d) => {
                 let name = self.queue_name(d.queue.as_str())?;
@@ -417,14 +408,13 @@ impl Channel {
                     }
                 };
                 ctx.exclusive_queues.retain(|q| **q != *name);
-                if !d.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
-                            message_count,
-                        })),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    d.nowait,
+                    AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                        message_count,
+                    })),
+                );
             }
             _ => {
                 return Err(AmqpError::command_invalid(
@@ -452,14 +442,13 @@ impl Channel {
                         ctx.vhost.delete_queue_if_same(&queue);
                     }
                 }
-                if !c.nowait {
-                    self.send(
-                        ctx,
-                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
-                            consumer_tag: c.consumer_tag,
-                        })),
-                    );
-                }
+                self.reply(
+                    ctx,
+                    c.nowait,
+                    AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag,
+                    })),
+                );
                 Ok(())
             }
             basic::AMQPMethod::Get(g) => {
@@ -606,14 +595,13 @@ impl Channel {
             .map_err(|e| e.to_amqp(&queue.name, &ctx.vhost.name))?;
         self.consumers.insert(tag.clone(), queue.clone());
         self.touched.insert(queue.name.clone(), queue);
-        if !c.nowait {
-            self.send(
-                ctx,
-                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
-                    consumer_tag: short_string(&tag),
-                })),
-            );
-        }
+        self.reply(
+            ctx,
+            c.nowait,
+            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                consumer_tag: short_string(&tag),
+            })),
+        );
         Ok(())
     }
 
