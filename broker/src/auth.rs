@@ -1,6 +1,6 @@
 //! Users and SASL: decoding PLAIN / AMQPLAIN responses and checking credentials.
 
-use std::collections::HashMap;
+use crate::collections::HashMap;
 use std::net::IpAddr;
 
 use amq_protocol::types::AMQPValue;

@@ -1,6 +1,6 @@
 //! Broker-wide shared state: configuration, users, virtual hosts and id allocation.
 
-use std::collections::HashMap;
+use crate::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -54,7 +54,7 @@ impl Broker {
             config.memory_high_watermark.bytes(total),
             config.memory_paging_ratio,
         );
-        let mut vhosts = HashMap::new();
+        let mut vhosts = HashMap::default();
         vhosts.insert(
             config.default_vhost.clone(),
             Arc::new(VHost::new(

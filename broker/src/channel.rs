@@ -4,7 +4,9 @@
 //! Everything here is synchronous: the connection task calls in with a [`ConnCtx`] that gives
 //! access to the vhost and to the connection's output buffer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -105,16 +107,16 @@ impl Channel {
             assembler: CommandAssembler::new(),
             limiter: Arc::new(ChannelLimiter::default()),
             consumer_prefetch: 0,
-            consumers: HashMap::new(),
+            consumers: HashMap::default(),
             next_delivery_tag: 1,
             unacked: BTreeMap::new(),
-            touched: HashMap::new(),
+            touched: HashMap::default(),
             last_queue: None,
             confirms: None,
             tx: None,
             route_set: RouteSet::default(),
             unsynced: Vec::new(),
-            unsynced_queues: HashMap::new(),
+            unsynced_queues: HashMap::default(),
         }
     }
 
@@ -837,7 +839,7 @@ impl Channel {
         } else {
             vec![tag]
         };
-        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::new();
+        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::default();
         let mut counted = 0u32;
         for t in tags {
             if let Some(u) = self.unacked.remove(&t) {
@@ -870,7 +872,7 @@ impl Channel {
             return Err(AmqpError::not_implemented("requeue=false"));
         }
         let unacked = std::mem::take(&mut self.unacked);
-        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::new();
+        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::default();
         let mut counted = 0;
         for (_, u) in unacked {
             if u.counted {

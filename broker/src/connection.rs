@@ -5,7 +5,7 @@
 //! are turned into frames in [`Connection::fail`]: soft ones close a channel, hard ones the
 //! connection.
 
-use std::collections::HashMap;
+use crate::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,7 +112,7 @@ pub async fn serve<S>(
             splitter: FrameSplitter::new(PRE_TUNE_FRAME_MAX),
             last_recv: Instant::now(),
             last_sent: Instant::now(),
-            channels: HashMap::new(),
+            channels: HashMap::default(),
             session: None,
             counted: false,
             id,

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod collections;
 pub mod config;
 pub mod confirms;
 pub mod connection;

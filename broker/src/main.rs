@@ -11,6 +11,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use warren_broker::config::Config;
+
+/// mimalloc instead of glibc's malloc: allocation and free were about a quarter of the
+/// instructions per message under callgrind, and glibc's arenas also fragment under the
+/// many-threads, short-lived-buffer pattern of a broker.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use warren_broker::server::Server;
 
 /// Warren: an AMQP 0-9-1 message broker compatible with RabbitMQ clients.

@@ -3,7 +3,7 @@
 //! Lock order: `topology` before `queues` before any queue's own lock. Neither is held across
 //! `.await`, and `route` holds the topology read lock only while collecting queue names.
 
-use std::collections::HashMap;
+use crate::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use amq_protocol::types::FieldTable;
@@ -52,7 +52,7 @@ impl VHost {
         VHost {
             name: Arc::from(name),
             topology: RwLock::new(Topology::new(name)),
-            queues: RwLock::new(HashMap::new()),
+            queues: RwLock::new(HashMap::default()),
             memory,
             persistence,
         }

@@ -551,13 +551,13 @@ impl QueueStore {
             // A big body: write it straight from the caller's slices instead of copying it
             // into the buffer (and keep the buffer small).
             self.flush_wbuf()?;
-            let path = self.path(&seg_name(id));
             let file = self.segment_file(id)?;
             let mut head = Vec::with_capacity(8 + prefix.len());
             head.extend_from_slice(&len.to_le_bytes());
             head.extend_from_slice(&crc.to_le_bytes());
             head.extend_from_slice(prefix);
-            file.write_all_at(&head, offset).map_err(io_err(&path))?;
+            file.write_all_at(&head, offset)
+                .map_err(|e| self.seg_io_err(id, e))?;
             let mut pos = offset + head.len() as u64;
             let mut res = Ok(());
             msg.body.for_each(|c| {
@@ -566,7 +566,7 @@ impl QueueStore {
                     pos += c.len() as u64;
                 }
             });
-            res.map_err(io_err(&path))?;
+            res.map_err(|e| self.seg_io_err(id, e))?;
             self.wbuf_start = offset + rec_len;
         } else {
             self.wbuf.extend_from_slice(&len.to_le_bytes());
@@ -589,6 +589,10 @@ impl QueueStore {
             offset: off32,
             len,
         })
+    }
+
+    fn seg_io_err(&self, id: u32, e: std::io::Error) -> StorageError {
+        io_err(&self.path(&seg_name(id)))(e)
     }
 
     fn segment_file(&self, id: u32) -> Result<FileHandle> {
@@ -652,9 +656,8 @@ impl QueueStore {
             return Ok(());
         };
         let file = self.segment_file(id)?;
-        let path = self.path(&seg_name(id));
         file.write_all_at(&self.wbuf, self.wbuf_start)
-            .map_err(io_err(&path))?;
+            .map_err(|e| self.seg_io_err(id, e))?;
         let used = self.wbuf.len();
         self.wbuf_start += used as u64;
         self.wbuf.clear();
@@ -795,11 +798,14 @@ impl QueueStore {
 
     fn write_ack_entry(&mut self, loc: MsgLocation, kind: AckKind) -> Result<()> {
         let id = loc.segment;
-        let path = self.path(&ack_name(id));
+        // Formatting the path costs more than the write itself: only on the rare paths.
+        let dir = &self.dir;
+        let path = || dir.join(ack_name(id));
         let Some(seg) = self.segments.get_mut(&id) else {
             return Err(StorageError::UnknownLocation(loc));
         };
         if seg.acks.is_none() {
+            let path = path();
             let file = self.backend.create_file(&path).map_err(io_err(&path))?;
             self.dir_dirty = true;
             seg.acks = Some(AckFile {
@@ -821,7 +827,7 @@ impl QueueStore {
         if acks.buf.len() >= ACK_BUF_FLUSH {
             acks.file
                 .write_all_at(&acks.buf, acks.written)
-                .map_err(io_err(&path))?;
+                .map_err(|e| io_err(&path())(e))?;
             acks.written += acks.buf.len() as u64;
             acks.buf.clear();
         }
@@ -880,10 +886,10 @@ impl QueueStore {
             if let Dirty::Acks(id) = *d {
                 if let Some(acks) = self.segments.get_mut(&id).and_then(|s| s.acks.as_mut()) {
                     if !acks.buf.is_empty() {
-                        let path = self.dir.join(ack_name(id));
+                        let dir = &self.dir;
                         acks.file
                             .write_all_at(&acks.buf, acks.written)
-                            .map_err(io_err(&path))?;
+                            .map_err(|e| io_err(&dir.join(ack_name(id)))(e))?;
                         acks.written += acks.buf.len() as u64;
                         acks.buf.clear();
                     }

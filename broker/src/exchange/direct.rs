@@ -1,7 +1,7 @@
 //! Direct exchange bindings: a message goes to the destinations bound with a key equal to its
 //! routing key (`rabbit_exchange_type_direct`).
 
-use std::collections::HashMap;
+use crate::collections::HashMap;
 use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;

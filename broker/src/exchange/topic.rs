@@ -11,7 +11,7 @@
 //! not grow the call stack, and remembers which `#` nodes it has already tried at which key
 //! position, so work stays bounded by trie size times key words.
 
-use std::collections::{HashMap, HashSet};
+use crate::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use amq_protocol::types::FieldTable;
@@ -294,7 +294,7 @@ impl TopicBindings {
         }
         let start = if key.is_empty() { None } else { Some(0) };
         let mut stack = vec![Step::Match(&self.root, start)];
-        let mut skipped: HashSet<(*const Node, Option<usize>)> = HashSet::new();
+        let mut skipped: HashSet<(*const Node, Option<usize>)> = HashSet::default();
         while let Some(step) = stack.pop() {
             match step {
                 Step::Match(node, None) => {

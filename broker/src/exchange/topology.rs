@@ -1,8 +1,8 @@
 //! One vhost's exchanges and bindings: declare / delete / bind / unbind with RabbitMQ 3.10's
 //! checks and reply texts, auto-delete cascades, and routing a publish to a set of queues.
 
+use crate::collections::HashMap;
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -78,7 +78,7 @@ pub struct Topology {
 impl Topology {
     /// A vhost's topology with its predeclared exchanges.
     pub fn new(vhost: impl Into<Arc<str>>) -> Self {
-        let mut exchanges = HashMap::new();
+        let mut exchanges = HashMap::default();
         for (name, kind, internal) in PREDECLARED {
             let name: Arc<str> = Arc::from(*name);
             exchanges.insert(
@@ -89,7 +89,7 @@ impl Topology {
         Topology {
             vhost: vhost.into(),
             exchanges,
-            inbound: HashMap::new(),
+            inbound: HashMap::default(),
         }
     }
 

@@ -16,7 +16,9 @@
 //! consumer that reuses the same tag.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{self, AmqpError};

@@ -18,7 +18,9 @@
 //! with the channel until they are acked, rejected or the channel closes; purge only touches
 //! ready messages.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use crate::collections::{HashMap, HashSet};
 
 use super::consumers::{
     ChannelKey, ConsumeError, ConsumerId, ConsumerInfo, ConsumerKey, ConsumerSet, ConsumerSpec,
@@ -217,8 +219,8 @@ impl<M> QueueCore<M> {
         QueueCore {
             next_seq: 0,
             ready: ReadyQueue::new(sizer),
-            unacked: HashMap::new(),
-            unacked_by_channel: HashMap::new(),
+            unacked: HashMap::default(),
+            unacked_by_channel: HashMap::default(),
             consumers: ConsumerSet::new(),
         }
     }
@@ -492,7 +494,7 @@ impl<M> QueueCore<M> {
             assert!(seq.0 < self.next_seq);
             assert!(!self.unacked.contains_key(seq));
         }
-        let mut by_channel: HashMap<ChannelKey, HashSet<MsgSeq>> = HashMap::new();
+        let mut by_channel: HashMap<ChannelKey, HashSet<MsgSeq>> = HashMap::default();
         for (seq, u) in &self.unacked {
             by_channel.entry(u.owner.channel).or_default().insert(*seq);
         }
@@ -639,7 +641,7 @@ mod tests {
             q.publish(m);
         }
         let got = drain(&mut q);
-        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut counts: HashMap<String, usize> = HashMap::default();
         for (i, d) in got.iter().enumerate() {
             *counts.entry(d.consumer.tag.to_string()).or_default() += 1;
             assert_eq!(&*d.consumer.tag, ["a", "b", "c"][i % 3]);

@@ -7,7 +7,7 @@
 //! can sit in them is bounded by credit: prefetch for manual-ack consumers and
 //! [`ChannelLimiter`]'s in-flight cap for everyone, so a queue never waits on a connection.
 
-use std::collections::HashMap;
+use crate::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -412,8 +412,8 @@ impl Queue {
             persistence,
             state: Mutex::new(QueueState {
                 core: QueueCore::with_sizer(QMsg::size),
-                sinks: HashMap::new(),
-                limiters: HashMap::new(),
+                sinks: HashMap::default(),
+                limiters: HashMap::default(),
                 store,
                 written_since_sync: false,
                 spill: None,
