@@ -28,7 +28,9 @@ use crate::exchange::{Destination, RouteSet};
 use crate::message::Message;
 use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
-use crate::queue::handle::{ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, Queue};
+use crate::queue::handle::{
+    ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, PendingStoreWrites, Queue,
+};
 use crate::vhost::{check_exclusive, QueueDeclare, VHost};
 
 /// What a channel needs from its connection while handling one command.
@@ -43,6 +45,8 @@ pub struct ConnCtx<'a> {
     /// Exclusive queues declared by this connection, deleted when it closes.
     pub exclusive_queues: &'a mut Vec<Arc<str>>,
     pub broker: &'a Broker,
+    /// Store writes to hand to the OS before the connection's next socket write.
+    pub store_writes: &'a mut PendingStoreWrites,
 }
 
 /// A delivery the client has not settled yet.
@@ -499,7 +503,7 @@ impl Channel {
                     });
                     return Ok(());
                 }
-                self.settle(ctx.vhost, a.delivery_tag, a.multiple, Settle::Ack)
+                self.settle(ctx.store_writes, a.delivery_tag, a.multiple, Settle::Ack)
             }
             basic::AMQPMethod::Reject(r) => {
                 if let Some(ops) = self.tx.as_mut() {
@@ -511,7 +515,7 @@ impl Channel {
                     return Ok(());
                 }
                 self.settle(
-                    ctx.vhost,
+                    ctx.store_writes,
                     r.delivery_tag,
                     false,
                     Settle::Reject { requeue: r.requeue },
@@ -527,7 +531,7 @@ impl Channel {
                     return Ok(());
                 }
                 self.settle(
-                    ctx.vhost,
+                    ctx.store_writes,
                     n.delivery_tag,
                     n.multiple,
                     Settle::Reject { requeue: n.requeue },
@@ -822,12 +826,11 @@ impl Channel {
     /// basic.ack / reject / nack on delivery tags of this channel.
     fn settle(
         &mut self,
-        vhost: &Arc<VHost>,
+        store_writes: &mut PendingStoreWrites,
         tag: u64,
         multiple: bool,
         how: Settle,
     ) -> Result<(), AmqpError> {
-        let _ = vhost;
         // As rabbit_channel:collect_acks: tag 0 with multiple means everything; otherwise the
         // tag itself must be outstanding, and multiple adds every older one.
         let tags: Vec<u64> = if multiple && tag == 0 {
@@ -856,9 +859,12 @@ impl Channel {
         let was_blocked = self.limiter.is_blocked();
         self.limiter.settled(counted);
         for (_, (queue, seqs)) in by_queue {
-            match how {
+            let stored = match how {
                 Settle::Ack => queue.ack(&seqs),
                 Settle::Reject { requeue } => queue.reject(&seqs, requeue),
+            };
+            if stored {
+                store_writes.note(&queue);
             }
         }
         if was_blocked && !self.limiter.is_blocked() {
@@ -928,13 +934,18 @@ impl Channel {
                             self.publish(ctx, p, content)?
                         }
                         TxOp::Ack { tag, multiple } => {
-                            self.settle(ctx.vhost, tag, multiple, Settle::Ack)?
+                            self.settle(ctx.store_writes, tag, multiple, Settle::Ack)?
                         }
                         TxOp::Reject {
                             tag,
                             multiple,
                             requeue,
-                        } => self.settle(ctx.vhost, tag, multiple, Settle::Reject { requeue })?,
+                        } => self.settle(
+                            ctx.store_writes,
+                            tag,
+                            multiple,
+                            Settle::Reject { requeue },
+                        )?,
                     }
                 }
                 self.send(

@@ -27,7 +27,7 @@ use crate::broker::Broker;
 use crate::channel::{Channel, ConnCtx};
 use crate::error::{code, AmqpError};
 use crate::queue::consumers::ChannelKey;
-use crate::queue::handle::ConnEvent;
+use crate::queue::handle::{ConnEvent, PendingStoreWrites};
 use crate::vhost::VHost;
 
 /// How long we wait for connection.close-ok after sending connection.close.
@@ -119,6 +119,7 @@ pub async fn serve<S>(
             events_tx,
             events_rx,
             exclusive_queues: Vec::new(),
+            store_writes: PendingStoreWrites::default(),
             publisher: false,
             blocked_sent: false,
         };
@@ -162,6 +163,7 @@ struct Connection<S> {
     events_tx: mpsc::UnboundedSender<ConnEvent>,
     events_rx: mpsc::UnboundedReceiver<ConnEvent>,
     exclusive_queues: Vec<Arc<str>>,
+    store_writes: PendingStoreWrites,
     /// Set by the first basic.publish: only publishers are held back by the memory alarm.
     publisher: bool,
     /// connection.blocked was sent and connection.unblocked is owed.
@@ -670,6 +672,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
             broker: &self.broker,
+            store_writes: &mut self.store_writes,
         };
         ch.handle(&mut ctx, command)
     }
@@ -750,9 +753,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             events: &self.events_tx,
             exclusive_queues: &mut self.exclusive_queues,
             broker: &self.broker,
+            store_writes: &mut self.store_writes,
         };
         match event {
-            ConnEvent::Deliver(d) => ch.deliver(&mut ctx, d),
+            ConnEvent::Deliver(d) => {
+                if d.stored {
+                    ctx.store_writes.note(&d.queue);
+                }
+                ch.deliver(&mut ctx, d)
+            }
             ConnEvent::ConsumerCancelled { tag, .. } => ch.consumer_cancelled(&mut ctx, &tag),
             ConnEvent::Synced { confirms, ok, .. } => {
                 ch.synced(&confirms, ok);
@@ -886,6 +895,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
+        // Before anything reaches the client, so a kill -9 cannot contradict what it saw.
+        self.store_writes.flush();
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.stream.flush().await?;

@@ -111,6 +111,36 @@ pub struct Delivery {
     pub msg: Arc<Message>,
     pub redelivered: bool,
     pub no_ack: bool,
+    /// The queue's store recorded this delivery (a delivery mark, or the ack of a no-ack
+    /// delivery) in a buffer: the receiving connection hands it to the OS before it writes the
+    /// delivery to its socket (see [`PendingStoreWrites`]).
+    pub stored: bool,
+}
+
+/// Queues holding buffered store writes made on behalf of one connection.
+///
+/// The rule that makes kill -9 safe without a `pwrite` per message: whatever a queue's store
+/// recorded for a connection (delivery marks, acks) reaches the OS before that connection next
+/// writes to its socket. A client can then never have seen a delivery whose mark a crash could
+/// lose (it would come back with redelivered=false), nor get a reply to a command that followed
+/// an ack whose entry a crash could lose. One flush per socket write covers a whole batch.
+#[derive(Debug, Default)]
+pub struct PendingStoreWrites(Vec<Arc<Queue>>);
+
+impl PendingStoreWrites {
+    pub fn note(&mut self, queue: &Arc<Queue>) {
+        // Usually one queue; a short scan keeps the list free of duplicates.
+        if !self.0.iter().rev().take(8).any(|q| Arc::ptr_eq(q, queue)) {
+            self.0.push(queue.clone());
+        }
+    }
+
+    /// Hands every noted queue's buffered store writes to the OS (no fsync).
+    pub fn flush(&mut self) {
+        for queue in self.0.drain(..) {
+            queue.flush_store_writes();
+        }
+    }
 }
 
 /// Where a consumer's deliveries go.
@@ -615,7 +645,10 @@ impl Queue {
         }
     }
 
-    pub fn ack(self: &Arc<Self>, seqs: &[MsgSeq]) {
+    /// Settles acked deliveries. True when the store buffered ack entries: the caller notes
+    /// the queue in its [`PendingStoreWrites`].
+    #[must_use]
+    pub fn ack(self: &Arc<Self>, seqs: &[MsgSeq]) -> bool {
         let mut st = self.lock();
         let mut stored = false;
         for seq in seqs {
@@ -624,14 +657,19 @@ impl Queue {
                 st.forget(&msg, &self.name);
             }
         }
-        if stored {
-            st.flush_store(&self.name);
-        }
         self.dispatch_locked(&mut st);
+        stored
+    }
+
+    /// Writes the store's buffered entries (acks, delivery marks, appends) to the OS.
+    pub fn flush_store_writes(&self) {
+        self.lock().flush_store(&self.name);
     }
 
     /// basic.reject / basic.nack. Dropped messages are discarded (dead-lettering comes later).
-    pub fn reject(self: &Arc<Self>, seqs: &[MsgSeq], requeue: bool) {
+    /// True as for [`Self::ack`].
+    #[must_use]
+    pub fn reject(self: &Arc<Self>, seqs: &[MsgSeq], requeue: bool) -> bool {
         let mut st = self.lock();
         let mut stored = false;
         for seq in seqs {
@@ -640,10 +678,8 @@ impl Queue {
                 st.forget(&msg, &self.name);
             }
         }
-        if stored {
-            st.flush_store(&self.name);
-        }
         self.dispatch_locked(&mut st);
+        stored
     }
 
     /// Puts messages back (basic.recover, cancelled consumer's in-flight deliveries).
@@ -684,7 +720,6 @@ impl Queue {
         }
         let ttl = self.props.limits.message_ttl;
         let now = std::time::Instant::now();
-        let mut touched_store = false;
         loop {
             let delivery = {
                 let QueueState { core, limiters, .. } = &mut *st;
@@ -712,7 +747,6 @@ impl Queue {
                 sink.limiter.written();
                 continue;
             };
-            touched_store |= d.msg.location().is_some();
             if Some(d.seq) != fresh && msg.is_expired(ttl, now) {
                 if !d.no_ack {
                     st.core.ack(d.seq);
@@ -736,13 +770,11 @@ impl Queue {
                 msg,
                 redelivered: d.redelivered,
                 no_ack: d.no_ack,
+                stored: d.msg.location().is_some(),
             });
             // A closed mailbox means the connection is going away; its cleanup requeues the
             // message through channel_closed, so nothing is lost here.
             let _ = sink.events.send(event);
-        }
-        if touched_store {
-            st.flush_store(&self.name);
         }
     }
 
