@@ -30,6 +30,7 @@ use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
 use crate::queue::handle::{
     ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, PendingStoreWrites, Queue,
+    SyncKind,
 };
 use crate::vhost::{check_exclusive, QueueDeclare, VHost};
 
@@ -772,7 +773,7 @@ impl Channel {
         }
         let mut handle = warren_storage::SyncHandle::default();
         for (_, queue) in self.unsynced_queues.drain() {
-            if let Some(h) = queue.prepare_sync(true) {
+            if let Some(h) = queue.prepare_sync(SyncKind::Confirms) {
                 handle.merge(h);
             }
         }

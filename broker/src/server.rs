@@ -126,9 +126,10 @@ async fn housekeeping(broker: Arc<Broker>) {
         for vhost in broker.vhosts() {
             for queue in vhost.queues() {
                 queue.drop_expired();
-                if let (Some(persistence), Some(handle)) =
-                    (broker.persistence.as_ref(), queue.prepare_sync(false))
-                {
+                if let (Some(persistence), Some(handle)) = (
+                    broker.persistence.as_ref(),
+                    queue.prepare_sync(crate::queue::handle::SyncKind::Background),
+                ) {
                     persistence.sync.request(handle, |_| {});
                 }
             }

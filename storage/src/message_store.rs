@@ -905,8 +905,22 @@ impl QueueStore {
     /// this store only once those have been synced, which the service guarantees for requests
     /// made in order.
     pub fn prepare_sync(&mut self) -> Result<SyncHandle> {
+        self.prepare(true)
+    }
+
+    /// Like [`Self::prepare_sync`], but covers only what publisher confirms need: appended
+    /// messages (their segment files, and the directory when a file was created or removed).
+    /// Ack files stay dirty for the next full [`Self::prepare_sync`]: an ack or delivery mark
+    /// lost to a power failure brings a message back (redelivered), which AMQP allows, while
+    /// a confirmed message lost would not be. This halves the fsyncs on the confirm path.
+    pub fn prepare_sync_appends(&mut self) -> Result<SyncHandle> {
+        self.prepare(false)
+    }
+
+    fn prepare(&mut self, with_acks: bool) -> Result<SyncHandle> {
         self.flush()?;
         let mut files: Vec<FileHandle> = Vec::with_capacity(self.dirty.len() + 2);
+        let mut kept = Vec::new();
         for d in std::mem::take(&mut self.dirty) {
             match d {
                 Dirty::Segment(id) => {
@@ -915,14 +929,16 @@ impl QueueStore {
                         files.push(Arc::clone(&s.file));
                     }
                 }
-                Dirty::Acks(id) => {
+                Dirty::Acks(id) if with_acks => {
                     if let Some(a) = self.segments.get_mut(&id).and_then(|s| s.acks.as_mut()) {
                         a.dirty = false;
                         files.push(Arc::clone(&a.file));
                     }
                 }
+                Dirty::Acks(_) => kept.push(d),
             }
         }
+        self.dirty = kept;
         // Always include the current segment: a caller that appended before an earlier handle
         // was synced still gets an fsync that runs after its data was written.
         if let Some(s) = self.current.and_then(|id| self.segments.get(&id)) {

@@ -100,6 +100,15 @@ pub enum ConnEvent {
     },
 }
 
+/// Which writes a [`Queue::prepare_sync`] must make durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncKind {
+    /// Appended messages: what publisher confirms wait for.
+    Confirms,
+    /// Everything written since the last background sync (appends, acks, delivery marks).
+    Background,
+}
+
 /// One message on its way to a consumer's connection.
 #[derive(Debug)]
 pub struct Delivery {
@@ -565,19 +574,22 @@ impl Queue {
         dropped
     }
 
-    /// The files to fsync so that every message stored so far is durable (None if nothing).
-    ///
-    /// `force` prepares one even when nothing was written since the last (a publisher confirm
-    /// must wait for a sync that covers its message, whoever prepared it); the background
-    /// sync passes false so that idle queues cost no fsync.
-    pub fn prepare_sync(&self, force: bool) -> Option<SyncHandle> {
+    /// The files to fsync for `kind` (None if nothing).
+    pub fn prepare_sync(&self, kind: SyncKind) -> Option<SyncHandle> {
         let mut st = self.lock();
-        if !force && !st.written_since_sync {
-            return None;
-        }
-        st.written_since_sync = false;
-        let store = st.store.as_mut()?;
-        match store.prepare_sync() {
+        let prepared = match kind {
+            // Even when nothing was written since the last sync: a confirm must wait for a
+            // sync that covers its message, whoever prepared the earlier one. Acks and marks
+            // stay dirty for the background sync, so `written_since_sync` is left as it is.
+            SyncKind::Confirms => st.store.as_mut()?.prepare_sync_appends(),
+            // Idle queues cost no fsync.
+            SyncKind::Background if !st.written_since_sync => return None,
+            SyncKind::Background => {
+                st.written_since_sync = false;
+                st.store.as_mut()?.prepare_sync()
+            }
+        };
+        match prepared {
             Ok(handle) if !handle.is_empty() => Some(handle),
             Ok(_) => None,
             Err(e) => {
