@@ -100,8 +100,11 @@ pub struct Channel {
     route_set: RouteSet,
     /// Confirms waiting for the next group commit: (publish tag, queue name).
     unsynced: Vec<(u64, Arc<str>)>,
-    /// Queues written since the last sync request of this channel.
-    unsynced_queues: HashMap<Arc<str>, Arc<Queue>>,
+    /// Queues written since the last sync request of this channel (usually one or a few: a
+    /// short scan for duplicates is cheaper than hashing per publish).
+    unsynced_queues: Vec<Arc<Queue>>,
+    /// Reused between publishes: the queues that stored the message being published.
+    persisted: Vec<Arc<Queue>>,
 }
 
 impl Channel {
@@ -121,7 +124,8 @@ impl Channel {
             tx: None,
             route_set: RouteSet::default(),
             unsynced: Vec::new(),
-            unsynced_queues: HashMap::default(),
+            unsynced_queues: Vec::new(),
+            persisted: Vec::new(),
         }
     }
 
@@ -691,7 +695,8 @@ impl Channel {
             &mut routes,
         );
         let mut refused = false;
-        let mut persisted: Vec<Arc<Queue>> = Vec::new();
+        let mut persisted = std::mem::take(&mut self.persisted);
+        persisted.clear();
         let result = routed.map(|()| {
             // Queued messages get their own allocations: frame slices would pin whole read
             // buffers for as long as the message waits.
@@ -752,12 +757,19 @@ impl Channel {
                 // Transient deliveries are confirmed at once; stored ones after the fsync
                 // that covers them.
                 let tag = tracker.publish(persisted.iter().map(|q| q.name.clone()));
-                for queue in persisted {
+                for queue in persisted.drain(..) {
                     self.unsynced.push((tag, queue.name.clone()));
-                    self.unsynced_queues.insert(queue.name.clone(), queue);
+                    // A duplicate further back only costs a second prepare_sync (the sync
+                    // service fsyncs each file once per batch); a full scan would be quadratic
+                    // for fanouts to many durable queues.
+                    let mut recent = self.unsynced_queues.iter().rev().take(16);
+                    if !recent.any(|q| Arc::ptr_eq(q, &queue)) {
+                        self.unsynced_queues.push(queue);
+                    }
                 }
             }
         }
+        self.persisted = persisted;
         Ok(())
     }
 
@@ -772,7 +784,7 @@ impl Channel {
             return;
         }
         let mut handle = warren_storage::SyncHandle::default();
-        for (_, queue) in self.unsynced_queues.drain() {
+        for queue in self.unsynced_queues.drain(..) {
             if let Some(h) = queue.prepare_sync(SyncKind::Confirms) {
                 handle.merge(h);
             }

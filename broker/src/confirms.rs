@@ -31,7 +31,7 @@ pub enum ConfirmFrame {
 #[derive(Debug)]
 pub struct ConfirmTracker<Q> {
     next_tag: u64,
-    unconfirmed: BTreeMap<u64, Vec<Q>>,
+    unconfirmed: BTreeMap<u64, Pending<Q>>,
     /// Settled positively since the last `drain`.
     confirmed: Vec<u64>,
     /// Settled negatively since the last `drain`.
@@ -64,16 +64,18 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
     pub fn publish(&mut self, queues: impl IntoIterator<Item = Q>) -> u64 {
         let tag = self.next_tag;
         self.next_tag += 1;
-        let mut pending: Vec<Q> = Vec::new();
+        let mut pending: Option<Pending<Q>> = None;
         for q in queues {
-            if !pending.contains(&q) {
-                pending.push(q);
+            match &mut pending {
+                None => pending = Some(Pending::One(q)),
+                Some(p) => p.add(q),
             }
         }
-        if pending.is_empty() {
-            self.confirmed.push(tag);
-        } else {
-            self.unconfirmed.insert(tag, pending);
+        match pending {
+            None => self.confirmed.push(tag),
+            Some(p) => {
+                self.unconfirmed.insert(tag, p);
+            }
         }
         tag
     }
@@ -84,8 +86,7 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
         let Some(pending) = self.unconfirmed.get_mut(&tag) else {
             return false;
         };
-        pending.retain(|q| q != queue);
-        if pending.is_empty() {
+        if pending.remove(queue) {
             self.unconfirmed.remove(&tag);
             self.confirmed.push(tag);
             return true;
@@ -172,6 +173,49 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
             ConfirmFrame::Nack { tag, multiple }
         });
         frames
+    }
+}
+
+/// The queues one publish still waits for: a single queue (the common case) costs no
+/// allocation. Never empty, never a duplicate.
+#[derive(Debug)]
+enum Pending<Q> {
+    One(Q),
+    Many(Vec<Q>),
+}
+
+impl<Q: PartialEq> Pending<Q> {
+    fn contains(&self, queue: &Q) -> bool {
+        match self {
+            Pending::One(q) => q == queue,
+            Pending::Many(qs) => qs.contains(queue),
+        }
+    }
+
+    fn add(&mut self, queue: Q) {
+        if self.contains(&queue) {
+            return;
+        }
+        match self {
+            Pending::One(_) => {
+                let Pending::One(first) = std::mem::replace(self, Pending::Many(Vec::new())) else {
+                    return;
+                };
+                *self = Pending::Many(vec![first, queue]);
+            }
+            Pending::Many(qs) => qs.push(queue),
+        }
+    }
+
+    /// Removes `queue`; true when nothing is left to wait for.
+    fn remove(&mut self, queue: &Q) -> bool {
+        match self {
+            Pending::One(q) => q == queue,
+            Pending::Many(qs) => {
+                qs.retain(|q| q != queue);
+                qs.is_empty()
+            }
+        }
     }
 }
 

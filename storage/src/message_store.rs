@@ -882,6 +882,21 @@ impl QueueStore {
 
     fn flush_inner(&mut self) -> Result<()> {
         self.flush_wbuf()?;
+        self.flush_ack_bufs()
+    }
+
+    /// Writes the buffered ack entries and delivery marks to the OS, but not buffered appends:
+    /// what a broker needs before telling a client about a delivery or answering after an ack.
+    /// An entry whose record is still in the write buffer is harmless if a crash loses that
+    /// record: recovery matches entries to records by offset, and appends after a recovery go
+    /// to a new segment, so the offset is never reused.
+    pub fn flush_acks(&mut self) -> Result<()> {
+        self.check_poisoned()?;
+        let r = self.flush_ack_bufs();
+        self.track(r)
+    }
+
+    fn flush_ack_bufs(&mut self) -> Result<()> {
         for d in &self.dirty {
             if let Dirty::Acks(id) = *d {
                 if let Some(acks) = self.segments.get_mut(&id).and_then(|s| s.acks.as_mut()) {

@@ -673,9 +673,15 @@ impl Queue {
         stored
     }
 
-    /// Writes the store's buffered entries (acks, delivery marks, appends) to the OS.
+    /// Writes the store's buffered acks and delivery marks to the OS (appends wait for the
+    /// write buffer to fill or for a sync: nobody was told about them yet).
     pub fn flush_store_writes(&self) {
-        self.lock().flush_store(&self.name);
+        let mut st = self.lock();
+        if let Some(store) = st.store.as_mut() {
+            if let Err(e) = store.flush_acks() {
+                warn!(queue = %self.name, error = %e, "cannot write out the queue's acks");
+            }
+        }
     }
 
     /// basic.reject / basic.nack. Dropped messages are discarded (dead-lettering comes later).

@@ -55,7 +55,7 @@ fn names(removed: &[Arc<str>]) -> Vec<&str> {
 
 /// The reverse index agrees with the exchanges' binding sets.
 fn assert_consistent(t: &Topology) {
-    let mut counted: HashMap<Destination, HashMap<Arc<str>, usize>> = HashMap::new();
+    let mut counted: HashMap<Destination, HashMap<Arc<str>, usize>> = HashMap::default();
     for b in t.bindings() {
         *counted
             .entry(b.destination.clone())
