@@ -4,8 +4,6 @@
 //! Everything here is synchronous: the connection task calls in with a [`ConnCtx`] that gives
 //! access to the vhost and to the connection's output buffer.
 
-use std::collections::BTreeMap;
-
 use crate::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,6 +30,7 @@ use crate::queue::handle::{
     ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, PendingStoreWrites, Queue,
     SyncKind,
 };
+use crate::tags::TagMap;
 use crate::vhost::{check_exclusive, QueueDeclare, VHost};
 
 /// What a channel needs from its connection while handling one command.
@@ -89,7 +88,7 @@ pub struct Channel {
     consumer_prefetch: u16,
     consumers: HashMap<Arc<str>, Arc<Queue>>,
     next_delivery_tag: u64,
-    unacked: BTreeMap<u64, Unacked>,
+    unacked: TagMap<Unacked>,
     /// Queues that may hold unacked messages or consumers of this channel.
     touched: HashMap<Arc<str>, Arc<Queue>>,
     /// Name of the last queue declared on this channel (for `""` in later methods).
@@ -117,7 +116,7 @@ impl Channel {
             consumer_prefetch: 0,
             consumers: HashMap::default(),
             next_delivery_tag: 1,
-            unacked: BTreeMap::new(),
+            unacked: TagMap::default(),
             touched: HashMap::default(),
             last_queue: None,
             confirms: None,
@@ -846,32 +845,19 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         // As rabbit_channel:collect_acks: tag 0 with multiple means everything; otherwise the
         // tag itself must be outstanding, and multiple adds every older one.
-        let tags: Vec<u64> = if multiple && tag == 0 {
-            self.unacked.keys().copied().collect()
-        } else if !self.unacked.contains_key(&tag) {
+        let mut by_queue = ByQueue::default();
+        if multiple && tag == 0 {
+            by_queue.extend(self.unacked.take_all());
+        } else if !self.unacked.contains(tag) {
             return Err(unknown_tag(tag));
         } else if multiple {
-            self.unacked.range(..=tag).map(|(t, _)| *t).collect()
+            by_queue.extend(self.unacked.take_through(tag));
         } else {
-            vec![tag]
-        };
-        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::default();
-        let mut counted = 0u32;
-        for t in tags {
-            if let Some(u) = self.unacked.remove(&t) {
-                if u.counted {
-                    counted += 1;
-                }
-                by_queue
-                    .entry(u.queue.name.clone())
-                    .or_insert_with(|| (u.queue.clone(), Vec::new()))
-                    .1
-                    .push(u.seq);
-            }
+            by_queue.extend(self.unacked.take(tag));
         }
         let was_blocked = self.limiter.is_blocked();
-        self.limiter.settled(counted);
-        for (_, (queue, seqs)) in by_queue {
+        self.limiter.settled(by_queue.counted);
+        for (queue, seqs) in by_queue.groups {
             let stored = match how {
                 Settle::Ack => queue.ack(&seqs),
                 Settle::Reject { requeue } => queue.reject(&seqs, requeue),
@@ -890,21 +876,10 @@ impl Channel {
         if !requeue {
             return Err(AmqpError::not_implemented("requeue=false"));
         }
-        let unacked = std::mem::take(&mut self.unacked);
-        let mut by_queue: HashMap<Arc<str>, (Arc<Queue>, Vec<MsgSeq>)> = HashMap::default();
-        let mut counted = 0;
-        for (_, u) in unacked {
-            if u.counted {
-                counted += 1;
-            }
-            by_queue
-                .entry(u.queue.name.clone())
-                .or_insert_with(|| (u.queue.clone(), Vec::new()))
-                .1
-                .push(u.seq);
-        }
-        self.limiter.settled(counted);
-        for (_, (queue, seqs)) in by_queue {
+        let mut by_queue = ByQueue::default();
+        by_queue.extend(self.unacked.take_all());
+        self.limiter.settled(by_queue.counted);
+        for (queue, seqs) in by_queue.groups {
             queue.requeue(&seqs);
         }
         self.wake_queues();
@@ -1049,6 +1024,33 @@ impl Channel {
 enum Settle {
     Ack,
     Reject { requeue: bool },
+}
+
+/// Settled deliveries grouped by queue, in the order first seen (one group per queue: a
+/// channel usually consumes from one or a few queues, so a scan beats hashing the name).
+#[derive(Default)]
+struct ByQueue {
+    groups: Vec<(Arc<Queue>, Vec<MsgSeq>)>,
+    /// Deliveries that held channel credit.
+    counted: u32,
+}
+
+impl ByQueue {
+    fn extend(&mut self, settled: impl IntoIterator<Item = Unacked>) {
+        for u in settled {
+            if u.counted {
+                self.counted += 1;
+            }
+            match self
+                .groups
+                .iter_mut()
+                .find(|(q, _)| Arc::ptr_eq(q, &u.queue))
+            {
+                Some((_, seqs)) => seqs.push(u.seq),
+                None => self.groups.push((u.queue, vec![u.seq])),
+            }
+        }
+    }
 }
 
 fn unknown_tag(tag: u64) -> AmqpError {

@@ -11,7 +11,7 @@
 //! Ordering with basic.return (mandatory, unroutable) is the caller's: send the return, then
 //! drain, as RabbitMQ does.
 
-use std::collections::BTreeMap;
+use crate::tags::TagMap;
 
 /// A frame to send to the publisher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +31,7 @@ pub enum ConfirmFrame {
 #[derive(Debug)]
 pub struct ConfirmTracker<Q> {
     next_tag: u64,
-    unconfirmed: BTreeMap<u64, Pending<Q>>,
+    unconfirmed: TagMap<Pending<Q>>,
     /// Settled positively since the last `drain`.
     confirmed: Vec<u64>,
     /// Settled negatively since the last `drain`.
@@ -48,7 +48,7 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
     pub fn new() -> Self {
         ConfirmTracker {
             next_tag: 1,
-            unconfirmed: BTreeMap::new(),
+            unconfirmed: TagMap::default(),
             confirmed: Vec::new(),
             rejected: Vec::new(),
         }
@@ -83,11 +83,11 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
     /// Queue `queue` has safely taken publish `tag`. Returns true if that completed the
     /// publish (an ack is now pending). Unknown tags and queues are ignored.
     pub fn confirm(&mut self, tag: u64, queue: &Q) -> bool {
-        let Some(pending) = self.unconfirmed.get_mut(&tag) else {
+        let Some(pending) = self.unconfirmed.get_mut(tag) else {
             return false;
         };
         if pending.remove(queue) {
-            self.unconfirmed.remove(&tag);
+            self.unconfirmed.take(tag);
             self.confirmed.push(tag);
             return true;
         }
@@ -97,7 +97,7 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
     /// Publish `tag` failed (e.g. x-overflow reject-publish on one of its queues): a nack is
     /// now pending, whatever the other queues say. Returns false if `tag` was not unconfirmed.
     pub fn reject(&mut self, tag: u64) -> bool {
-        if self.unconfirmed.remove(&tag).is_some() {
+        if self.unconfirmed.take(tag).is_some() {
             self.rejected.push(tag);
             true
         } else {
@@ -112,7 +112,7 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
             .unconfirmed
             .iter()
             .filter(|(_, pending)| pending.contains(queue))
-            .map(|(tag, _)| *tag)
+            .map(|(tag, _)| tag)
             .collect();
         for tag in tags {
             self.confirm(tag, queue);
@@ -126,7 +126,7 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
             .unconfirmed
             .iter()
             .filter(|(_, pending)| pending.contains(queue))
-            .map(|(tag, _)| *tag)
+            .map(|(tag, _)| tag)
             .collect();
         for tag in tags {
             self.reject(tag);
@@ -140,7 +140,7 @@ impl<Q: PartialEq> ConfirmTracker<Q> {
 
     /// The oldest publish still waiting for a queue.
     pub fn smallest_unconfirmed(&self) -> Option<u64> {
-        self.unconfirmed.keys().next().copied()
+        self.unconfirmed.first_tag()
     }
 
     /// True when `drain` would return frames.
@@ -247,7 +247,7 @@ fn coalesce(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use ConfirmFrame::{Ack, Nack};
 

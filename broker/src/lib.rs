@@ -14,4 +14,5 @@ pub mod persist;
 pub mod queue;
 pub mod resources;
 pub mod server;
+pub mod tags;
 pub mod vhost;
