@@ -705,11 +705,26 @@ impl Channel {
                 &header,
                 &content.body,
             ));
+            // One allocation for the four parts (they live and die together).
+            let parts = [
+                &p.exchange[..],
+                &routing_key[..],
+                &header.raw_properties[..],
+                &content.body[..],
+            ];
+            let mut buf = BytesMut::with_capacity(parts.iter().map(|s| s.len()).sum());
+            for part in parts {
+                buf.extend_from_slice(part);
+            }
+            let all = buf.freeze();
+            let e = p.exchange.len();
+            let r = e + routing_key.len();
+            let h = r + header.raw_properties.len();
             let msg = Arc::new(Message {
-                exchange: Bytes::copy_from_slice(&p.exchange),
-                routing_key: Bytes::copy_from_slice(&routing_key),
-                header: header.detached(),
-                body: Bytes::copy_from_slice(&content.body),
+                exchange: all.slice(..e),
+                routing_key: all.slice(e..r),
+                header: header.rebased(all.slice(r..h)),
+                body: all.slice(h..),
                 charge,
                 published: std::time::Instant::now(),
                 ttl,

@@ -40,8 +40,43 @@ enum State {
         method: Method,
         header: ContentHeader,
         remaining: u64,
-        fragments: Vec<Bytes>,
+        parts: BodyParts,
     },
+}
+
+/// The body frames received so far: a single frame (the usual case) costs no allocation and
+/// stays a zero-copy slice.
+#[derive(Debug, Default)]
+enum BodyParts {
+    #[default]
+    Empty,
+    One(Bytes),
+    // Never sized from body_size: that is the peer's claim, not bytes received.
+    Many(Vec<Bytes>),
+}
+
+impl BodyParts {
+    fn push(&mut self, part: Bytes) {
+        if part.is_empty() {
+            return;
+        }
+        match std::mem::take(self) {
+            BodyParts::Empty => *self = BodyParts::One(part),
+            BodyParts::One(first) => *self = BodyParts::Many(vec![first, part]),
+            BodyParts::Many(mut parts) => {
+                parts.push(part);
+                *self = BodyParts::Many(parts);
+            }
+        }
+    }
+
+    fn concat(self) -> Bytes {
+        match self {
+            BodyParts::Empty => Bytes::new(),
+            BodyParts::One(body) => body,
+            BodyParts::Many(parts) => concat(parts),
+        }
+    }
 }
 
 /// Per-channel state machine: method -> [content header -> body frames until body_size].
@@ -87,8 +122,7 @@ impl CommandAssembler {
     /// body_size over the limit -> BodyTooLarge (501); undecodable method or header -> Syntax
     /// (502) / UnknownMethod (503). Heartbeats on channel 0 are ignored.
     pub fn push(&mut self, frame: RawFrame) -> Result<Option<Command>, ProtocolError> {
-        let state = std::mem::take(&mut self.state);
-        let (class_id, method_id) = match &state {
+        let (class_id, method_id) = match &self.state {
             State::Idle => (0, 0),
             State::AwaitHeader { method, .. } | State::AwaitBody { method, .. } => {
                 (method.class_id(), method.method_id())
@@ -100,21 +134,64 @@ impl CommandAssembler {
             method_id,
         };
         match frame.kind {
-            FrameKind::Heartbeat if frame.channel == 0 => {
-                self.state = state;
-                return Ok(None);
-            }
+            FrameKind::Heartbeat if frame.channel == 0 => return Ok(None),
             FrameKind::Heartbeat => {
+                self.state = State::Idle;
                 return Err(unexpected(Unexpected::HeartbeatOnChannel {
                     channel: frame.channel,
                 }));
             }
             FrameKind::Header | FrameKind::Body if frame.channel == 0 => {
+                self.state = State::Idle;
                 return Err(unexpected(Unexpected::ContentOnChannelZero));
             }
             _ => {}
         }
-        match (state, frame.kind) {
+        // Body frames are the common case: handled in place, so the (large) state only moves
+        // once, when the command is complete.
+        if let (
+            State::AwaitBody {
+                remaining, parts, ..
+            },
+            FrameKind::Body,
+        ) = (&mut self.state, frame.kind)
+        {
+            let len = frame.payload.len() as u64;
+            if len > *remaining {
+                let remaining = *remaining;
+                self.state = State::Idle;
+                return Err(ProtocolError::BodyOverflow {
+                    frame_size: len,
+                    remaining,
+                    class_id,
+                    method_id,
+                });
+            }
+            *remaining -= len;
+            parts.push(frame.payload);
+            if *remaining > 0 {
+                return Ok(None);
+            }
+            let State::AwaitBody {
+                channel,
+                method,
+                header,
+                parts,
+                ..
+            } = std::mem::take(&mut self.state)
+            else {
+                return Ok(None);
+            };
+            return Ok(Some(Command {
+                channel,
+                method,
+                content: Some(Content {
+                    header,
+                    body: parts.concat(),
+                }),
+            }));
+        }
+        match (std::mem::take(&mut self.state), frame.kind) {
             (State::Idle, FrameKind::Method) => {
                 let method = decode_method(frame.payload)?;
                 if method.has_content() {
@@ -139,48 +216,6 @@ impl CommandAssembler {
                 Err(unexpected(Unexpected::ExpectedContentHeader {
                     class_id: method.class_id(),
                     got,
-                }))
-            }
-            (
-                State::AwaitBody {
-                    channel,
-                    method,
-                    header,
-                    remaining,
-                    mut fragments,
-                },
-                FrameKind::Body,
-            ) => {
-                let len = frame.payload.len() as u64;
-                if len > remaining {
-                    return Err(ProtocolError::BodyOverflow {
-                        frame_size: len,
-                        remaining,
-                        class_id,
-                        method_id,
-                    });
-                }
-                if len > 0 {
-                    fragments.push(frame.payload);
-                }
-                let remaining = remaining - len;
-                if remaining > 0 {
-                    self.state = State::AwaitBody {
-                        channel,
-                        method,
-                        header,
-                        remaining,
-                        fragments,
-                    };
-                    return Ok(None);
-                }
-                Ok(Some(Command {
-                    channel,
-                    method,
-                    content: Some(Content {
-                        header,
-                        body: concat(fragments),
-                    }),
                 }))
             }
             (State::AwaitBody { .. }, got) => {
@@ -247,8 +282,7 @@ impl CommandAssembler {
             remaining: header.body_size,
             method,
             header,
-            // Never sized from body_size: that is the peer's claim, not bytes received.
-            fragments: Vec::new(),
+            parts: BodyParts::Empty,
         };
         Ok(None)
     }
