@@ -24,9 +24,13 @@ use crate::message::Message;
 use crate::persist::Persistence;
 use crate::resources::ResourceMonitor;
 
-/// Stored messages published while fewer than this many are ready keep an in-memory copy;
-/// deeper ones are read back from disk (the page cache) when their turn comes.
-const CACHE_DEPTH: usize = 1024;
+/// Stored messages published while fewer than this many messages and bytes are ready keep an
+/// in-memory copy; deeper ones are read back from disk (the page cache) when their turn comes.
+/// Deep enough that a consumer keeping up with a publisher (confirm window plus a read batch
+/// or two) never reads from disk, small enough that a backlog of millions costs its index,
+/// not its bodies. The memory alarm's paging threshold bounds the total across queues.
+const CACHE_DEPTH: usize = 16 * 1024;
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Deliveries written to a connection's mailbox but not yet encoded, per channel. Bounds the
 /// memory a fast queue can push at a slow connection (no-ack consumers have no prefetch).
@@ -510,7 +514,8 @@ impl Queue {
                         // Keep a copy in RAM only near the head (it will be delivered soon)
                         // and while memory is plentiful: a backlog costs its index, not its
                         // bodies.
-                        let near_head = st.core.message_count() < CACHE_DEPTH;
+                        let near_head = st.core.message_count() < CACHE_DEPTH
+                            && st.core.ready_bytes() < CACHE_BYTES;
                         if near_head && self.memory.may_cache() {
                             QMsg::Cached(Box::new((loc, msg)))
                         } else {
