@@ -18,8 +18,7 @@
 //! with the channel until they are acked, rejected or the channel closes; purge only touches
 //! ready messages.
 
-use std::collections::VecDeque;
-
+use super::chunked::ChunkedDeque;
 use crate::collections::{HashMap, HashSet};
 
 use super::consumers::{
@@ -91,7 +90,7 @@ struct ReadyEntry<M> {
 /// the entries (for `x-max-length-bytes`).
 #[derive(Debug)]
 struct ReadyQueue<M> {
-    entries: VecDeque<ReadyEntry<M>>,
+    entries: ChunkedDeque<ReadyEntry<M>>,
     bytes: u64,
     sizer: fn(&M) -> u64,
 }
@@ -99,7 +98,7 @@ struct ReadyQueue<M> {
 impl<M> ReadyQueue<M> {
     fn new(sizer: fn(&M) -> u64) -> Self {
         ReadyQueue {
-            entries: VecDeque::new(),
+            entries: ChunkedDeque::default(),
             bytes: 0,
             sizer,
         }
@@ -162,7 +161,7 @@ impl<M> ReadyQueue<M> {
 
     fn drain(&mut self) -> Vec<M> {
         self.bytes = 0;
-        self.entries.drain(..).map(|e| e.msg).collect()
+        self.entries.drain().map(|e| e.msg).collect()
     }
 
     #[cfg(test)]

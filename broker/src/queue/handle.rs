@@ -29,7 +29,7 @@ use crate::resources::ResourceMonitor;
 /// Deep enough that a consumer keeping up with a publisher (confirm window plus a read batch
 /// or two) never reads from disk, small enough that a backlog of millions costs its index,
 /// not its bodies. The memory alarm's paging threshold bounds the total across queues.
-const CACHE_DEPTH: usize = 16 * 1024;
+const CACHE_DEPTH: usize = 4 * 1024;
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Deliveries written to a connection's mailbox but not yet encoded, per channel. Bounds the

@@ -1,3 +1,4 @@
+pub mod chunked;
 pub mod consumers;
 pub mod core;
 pub mod handle;
