@@ -422,8 +422,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 Some(event) = self.events_rx.recv() => {
                     self.handle_event(event);
-                    // Drain what else is queued so one flush covers many deliveries.
+                    // Drain what else is queued so one flush covers many deliveries (fewer,
+                    // bigger writes measured faster even for 64 KiB messages), up to a bound
+                    // for very big ones.
                     for _ in 0..256 {
+                        if self.wbuf.len() >= WRITE_BATCH_BYTES {
+                            break;
+                        }
                         match self.events_rx.try_recv() {
                             Ok(event) => self.handle_event(event),
                             Err(_) => break,
@@ -908,6 +913,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.stream.write_all(&self.wbuf).await?;
             self.stream.flush().await?;
             self.wbuf.clear();
+            // One huge message must not leave a huge buffer with the connection.
+            if self.wbuf.capacity() > 4 * WRITE_BATCH_BYTES {
+                self.wbuf = BytesMut::with_capacity(16 * 1024);
+            }
             self.last_sent = Instant::now();
         }
         Ok(())
@@ -948,6 +957,8 @@ enum Flow {
     ClientClosed,
 }
 
+/// Deliveries encoded into the write buffer before it is written to the socket, at most.
+const WRITE_BATCH_BYTES: usize = 16 * 1024 * 1024;
 const MIN_READ_CHUNK: usize = 16 * 1024;
 const MAX_READ_CHUNK: usize = 128 * 1024;
 
