@@ -705,12 +705,16 @@ impl Channel {
                 &header,
                 &content.body,
             ));
-            // One allocation for the four parts (they live and die together).
+            // One allocation for the parts (they live and die together). A big body stays
+            // the slice of the read buffer it arrived in: it is most of that buffer anyway,
+            // and copying 64 KiB bodies was a large share of their cost.
+            let big = content.body.len() >= ZERO_COPY_BODY;
+            let body: &[u8] = if big { &[] } else { &content.body[..] };
             let parts = [
                 &p.exchange[..],
                 &routing_key[..],
                 &header.raw_properties[..],
-                &content.body[..],
+                body,
             ];
             let mut buf = BytesMut::with_capacity(parts.iter().map(|s| s.len()).sum());
             for part in parts {
@@ -724,7 +728,11 @@ impl Channel {
                 exchange: all.slice(..e),
                 routing_key: all.slice(e..r),
                 header: header.rebased(all.slice(r..h)),
-                body: all.slice(h..),
+                body: if big {
+                    content.body.clone()
+                } else {
+                    all.slice(h..)
+                },
                 charge,
                 published: std::time::Instant::now(),
                 ttl,
@@ -1067,6 +1075,12 @@ impl ByQueue {
         }
     }
 }
+
+/// Bodies at least this big are kept as received (no copy); see [`Channel::publish`]. The
+/// read buffer they share holds at most a few frames (reads are up to 128 KiB), so a kept
+/// body pins at most a few times its size, and only while the message lives; the memory
+/// alarm counts the body alone.
+const ZERO_COPY_BODY: usize = 64 * 1024;
 
 fn unknown_tag(tag: u64) -> AmqpError {
     AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
