@@ -97,6 +97,7 @@ pub struct Channel {
     tx: Option<Vec<TxOp>>,
     /// Reused between publishes to avoid allocating.
     route_set: RouteSet,
+    route_cache: RouteCache,
     /// Confirms waiting for the next group commit: (publish tag, queue name).
     unsynced: Vec<(u64, Arc<str>)>,
     /// Queues written since the last sync request of this channel (usually one or a few: a
@@ -122,6 +123,7 @@ impl Channel {
             confirms: None,
             tx: None,
             route_set: RouteSet::default(),
+            route_cache: RouteCache::default(),
             unsynced: Vec::new(),
             unsynced_queues: Vec::new(),
             persisted: Vec::new(),
@@ -684,15 +686,39 @@ impl Channel {
             }
         }
         let routing_key = p.routing_key.clone();
-        let mut routes = std::mem::take(&mut self.route_set);
-        routes.clear();
-        let routed = ctx.vhost.route(
-            exchange,
-            &routing_key,
-            &cc_bcc,
-            headers.as_ref(),
-            &mut routes,
-        );
+        // Publishers mostly repeat the same exchange and key: reuse the last route while the
+        // vhost's topology is unchanged. Headers and CC/BCC keys also decide routes, so only
+        // messages without them use the cache.
+        let cacheable = headers.is_none() && cc_bcc.is_empty();
+        let version = ctx.vhost.topology_version();
+        let cache = &mut self.route_cache;
+        let hit = cacheable
+            && cache.version == Some(version)
+            && cache.exchange[..] == p.exchange[..]
+            && cache.routing_key[..] == routing_key[..];
+        let routed = if hit {
+            Ok(())
+        } else {
+            cache.version = None;
+            cache.queues.clear();
+            let r = ctx.vhost.route_queues(
+                exchange,
+                &routing_key,
+                &cc_bcc,
+                headers.as_ref(),
+                &mut self.route_set,
+                &mut cache.queues,
+            );
+            if r.is_ok() && cacheable {
+                cache.version = Some(version);
+                cache.exchange.clear();
+                cache.exchange.extend_from_slice(&p.exchange);
+                cache.routing_key.clear();
+                cache.routing_key.extend_from_slice(&routing_key);
+            }
+            r
+        };
+        let queues = std::mem::take(&mut self.route_cache.queues);
         let mut refused = false;
         let mut persisted = std::mem::take(&mut self.persisted);
         persisted.clear();
@@ -738,20 +764,18 @@ impl Channel {
                 ttl,
             });
             let mut delivered = 0usize;
-            for name in routes.iter() {
-                if let Some(queue) = ctx.vhost.queue(name) {
-                    match queue.publish(msg.clone()) {
-                        Enqueued::Accepted => delivered += 1,
-                        Enqueued::Persisted => {
-                            delivered += 1;
-                            persisted.push(queue);
-                        }
-                        Enqueued::Rejected => {
-                            delivered += 1;
-                            refused = true;
-                        }
-                        Enqueued::QueueGone => {}
+            for queue in &queues {
+                match queue.publish(msg.clone()) {
+                    Enqueued::Accepted => delivered += 1,
+                    Enqueued::Persisted => {
+                        delivered += 1;
+                        persisted.push(queue.clone());
                     }
+                    Enqueued::Rejected => {
+                        delivered += 1;
+                        refused = true;
+                    }
+                    Enqueued::QueueGone => {}
                 }
             }
             if delivered == 0 && p.mandatory {
@@ -766,7 +790,7 @@ impl Channel {
                 encode_message(ctx, self.id, &msg);
             }
         });
-        self.route_set = routes;
+        self.route_cache.queues = queues;
         result?;
         if let Some(tracker) = self.confirms.as_mut() {
             // Queues are in memory: a message is confirmed once enqueued (or found unroutable,
@@ -1047,6 +1071,16 @@ impl Channel {
 enum Settle {
     Ack,
     Reject { requeue: bool },
+}
+
+/// The queues of the channel's last publish, valid while the vhost's topology version is
+/// `version` and the message has the same exchange and routing key (and no headers/CC/BCC).
+#[derive(Debug, Default)]
+struct RouteCache {
+    version: Option<u64>,
+    exchange: Vec<u8>,
+    routing_key: Vec<u8>,
+    queues: Vec<Arc<Queue>>,
 }
 
 /// Settled deliveries grouped by queue, in the order first seen (one group per queue: a

@@ -4,6 +4,7 @@
 //! `.await`, and `route` holds the topology read lock only while collecting queue names.
 
 use crate::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use amq_protocol::types::FieldTable;
@@ -38,6 +39,9 @@ pub struct VHost {
     pub name: Arc<str>,
     topology: RwLock<Topology>,
     queues: RwLock<HashMap<Arc<str>, Arc<Queue>>>,
+    /// Bumped whenever `topology` or `queues` is locked for writing: a channel may reuse the
+    /// queues it last routed to while this is unchanged (see [`Self::topology_version`]).
+    topology_version: AtomicU64,
     memory: Arc<ResourceMonitor>,
     /// Where durable definitions and messages go; None for a broker without a data dir.
     persistence: Option<Arc<Persistence>>,
@@ -53,6 +57,7 @@ impl VHost {
             name: Arc::from(name),
             topology: RwLock::new(Topology::new(name)),
             queues: RwLock::new(HashMap::default()),
+            topology_version: AtomicU64::new(0),
             memory,
             persistence,
         }
@@ -147,13 +152,25 @@ impl VHost {
         self.topology.read().unwrap_or_else(|e| e.into_inner())
     }
     fn topology_write(&self) -> RwLockWriteGuard<'_, Topology> {
-        self.topology.write().unwrap_or_else(|e| e.into_inner())
+        let guard = self.topology.write().unwrap_or_else(|e| e.into_inner());
+        // After taking the lock: whoever sees the new version and routes again waits for
+        // this change to finish.
+        self.topology_version.fetch_add(1, Ordering::AcqRel);
+        guard
     }
     fn queues_read(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Queue>>> {
         self.queues.read().unwrap_or_else(|e| e.into_inner())
     }
     fn queues_write(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Queue>>> {
-        self.queues.write().unwrap_or_else(|e| e.into_inner())
+        let guard = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        self.topology_version.fetch_add(1, Ordering::AcqRel);
+        guard
+    }
+
+    /// Changes whenever exchanges, bindings or queues may have changed. Read it before
+    /// routing: a route computed after reading version v is valid while the version is v.
+    pub fn topology_version(&self) -> u64 {
+        self.topology_version.load(Ordering::Acquire)
     }
 
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
@@ -309,6 +326,24 @@ impl VHost {
         keys.push(routing_key);
         keys.extend(extra_keys.iter().map(|k| &k[..]));
         topology.route_keys(exchange, &keys, headers, out)
+    }
+
+    /// Routes like [`Self::route`] and resolves the queue names (one lock for all of them).
+    /// Names without a queue (deleted meanwhile) are left out.
+    pub fn route_queues(
+        &self,
+        exchange: &str,
+        routing_key: &[u8],
+        extra_keys: &[Bytes],
+        headers: Option<&FieldTable>,
+        routes: &mut RouteSet,
+        out: &mut Vec<Arc<Queue>>,
+    ) -> Result<(), AmqpError> {
+        routes.clear();
+        self.route(exchange, routing_key, extra_keys, headers, routes)?;
+        let queues = self.queues_read();
+        out.extend(routes.iter().filter_map(|name| queues.get(name).cloned()));
+        Ok(())
     }
 
     // ------------------------------------------------------------------ queues

@@ -1017,3 +1017,124 @@ async fn no_local_is_ignored() {
     );
     c.close().await.unwrap();
 }
+
+// ---- routes follow topology changes between publishes ----------------------------------------
+
+async fn bind(c: &mut RawClient, q: &str, x: &str, key: &str, bind: bool) {
+    let m = if bind {
+        AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+            queue: ss(q),
+            exchange: ss(x),
+            routing_key: ss(key),
+            nowait: false,
+            arguments: FieldTable::default(),
+        }))
+    } else {
+        AMQPClass::Queue(queue::AMQPMethod::Unbind(queue::Unbind {
+            queue: ss(q),
+            exchange: ss(x),
+            routing_key: ss(key),
+            arguments: FieldTable::default(),
+        }))
+    };
+    c.send_method(1, m).await.unwrap();
+    c.expect_method(1, 50, if bind { 21 } else { 51 })
+        .await
+        .unwrap();
+}
+
+/// A publish, then a round trip on the same channel so the broker has handled it before the
+/// test changes anything from another connection (connections are not ordered between them).
+async fn publish_sync(c: &mut RawClient, exchange: &str, key: &str, body: &[u8]) {
+    publish(c, 1, exchange, key, body).await;
+    let qos = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+        prefetch_count: 0,
+        global: false,
+    }));
+    c.send_method(1, qos).await.unwrap();
+    c.expect_method(1, 60, 11).await.unwrap();
+}
+
+async fn bodies_in(c: &mut RawClient, q: &str) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    while let Some(m) = basic_get(c, 1, q, true).await {
+        got.push(m.body());
+    }
+    got
+}
+
+/// The broker may reuse a channel's last route for the same exchange and key: every change in
+/// between (bind, unbind, queue delete and re-declare, exchange delete) must still show in the
+/// very next publish of that channel.
+#[tokio::test]
+async fn repeated_publishes_follow_bindings_and_queues_as_they_change() {
+    let t = target();
+    let mut c = client(&t).await;
+    let mut other = client(&t).await;
+    let x = uniq("x.route");
+    let declare_x = AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+        exchange: ss(&x),
+        kind: ss("direct"),
+        passive: false,
+        durable: false,
+        auto_delete: false,
+        internal: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }));
+    c.send_method(1, declare_x.clone()).await.unwrap();
+    c.expect_method(1, 40, 11).await.unwrap();
+    let qa = declare_queue(&mut c, 1, &uniq("route-a"), false).await;
+    let qb = declare_queue(&mut c, 1, &uniq("route-b"), false).await;
+    bind(&mut c, &qa, &x, "k", true).await;
+
+    publish_sync(&mut c, &x, "k", b"1").await;
+    // Another connection binds a second queue: the next publish reaches both.
+    bind(&mut other, &qb, &x, "k", true).await;
+    publish_sync(&mut c, &x, "k", b"2").await;
+    // ...and unbinds the first.
+    bind(&mut other, &qa, &x, "k", false).await;
+    publish_sync(&mut c, &x, "k", b"3").await;
+    assert_eq!(
+        bodies_in(&mut c, &qa).await,
+        vec![b"1".to_vec(), b"2".to_vec()]
+    );
+    assert_eq!(
+        bodies_in(&mut c, &qb).await,
+        vec![b"2".to_vec(), b"3".to_vec()]
+    );
+
+    // The default exchange: the queue named by the key is deleted and declared anew.
+    publish_sync(&mut c, "", &qa, b"4").await;
+    delete_queue(&mut other, 1, &qa).await;
+    publish_sync(&mut c, "", &qa, b"5").await;
+    declare_queue(&mut other, 1, &qa, false).await;
+    publish_sync(&mut c, "", &qa, b"6").await;
+    assert_eq!(bodies_in(&mut c, &qa).await, vec![b"6".to_vec()]);
+
+    // The exchange itself goes: the next publish is a 404 channel error, not a stale route.
+    publish_sync(&mut c, &x, "k", b"7").await;
+    other
+        .send_method(
+            1,
+            AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
+                exchange: ss(&x),
+                if_unused: false,
+                nowait: false,
+            })),
+        )
+        .await
+        .unwrap();
+    other.expect_method(1, 40, 21).await.unwrap();
+    publish(&mut c, 1, &x, "k", b"8").await;
+    let close = c.expect_method(1, 20, 40).await.unwrap();
+    match close.method() {
+        Some(AMQPClass::Channel(channel::AMQPMethod::Close(cl))) => {
+            assert_eq!(cl.reply_code, 404, "{cl:?}");
+        }
+        other => panic!("channel.close expected, got {other:?}"),
+    }
+    assert_eq!(bodies_in(&mut other, &qb).await, vec![b"7".to_vec()]);
+    delete_queue(&mut other, 1, &qa).await;
+    delete_queue(&mut other, 1, &qb).await;
+}
