@@ -317,6 +317,33 @@ async fn publish_routed(
 }
 
 /// Every message of a queue through basic.get, acked (consumed).
+/// Starts a consumer (manual ack) tagged `tag` and returns its first delivery; the consumer
+/// stays until cancelled by that tag.
+async fn consume_first(ch: &Channel, queue: &str, tag: &str) -> lapin::message::Delivery {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = ch
+        .basic_consume(
+            ss(queue),
+            ss(tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    c.set_delegate(move |d: DeliveryResult| {
+        let tx = tx.clone();
+        async move {
+            if let Ok(Some(d)) = d {
+                let _ = tx.send(d);
+            }
+        }
+    });
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn get_all(ch: &Channel, queue: &str) -> Vec<BasicGetMessage> {
     let mut out = Vec::new();
     loop {
@@ -935,28 +962,7 @@ async fn auto_delete_queues(how: Restart) {
         .unwrap();
     assert_eq!(queue_state(&conn, "ad-cancelled").await, None);
     // ad-consumed: a consumer is attached (its message delivered, unacked) at the restart.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let c = consumer_ch
-        .basic_consume(
-            ss("ad-consumed"),
-            ss("stays"),
-            BasicConsumeOptions::default(),
-            none(),
-        )
-        .await
-        .unwrap();
-    c.set_delegate(move |d: DeliveryResult| {
-        let tx = tx.clone();
-        async move {
-            if let Ok(Some(d)) = d {
-                let _ = tx.send(d);
-            }
-        }
-    });
-    let d = tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let d = consume_first(&consumer_ch, "ad-consumed", "stays").await;
     assert_eq!(d.data, b"ad-consumed");
     // The delivery reached the client: the broker has marked it delivered.
 
@@ -978,34 +984,13 @@ async fn auto_delete_queues(how: Restart) {
             assert_eq!(queue_state(&conn, "ad-consumed").await, Some((1, 0)));
             // The next consumer gets the message, redelivered; when it goes, the queue goes.
             let ch = conn.create_channel().await.unwrap();
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let c = ch
-                .basic_consume(
-                    ss("ad-consumed"),
-                    ss("next"),
-                    BasicConsumeOptions::default(),
-                    none(),
-                )
-                .await
-                .unwrap();
-            c.set_delegate(move |d: DeliveryResult| {
-                let tx = tx.clone();
-                async move {
-                    if let Ok(Some(d)) = d {
-                        let _ = tx.send(d);
-                    }
-                }
-            });
-            let d = tokio::time::timeout(WAIT, rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
+            let d = consume_first(&ch, "ad-consumed", "next").await;
             assert_eq!(d.data, b"ad-consumed");
             assert!(d.redelivered, "delivered before the crash: redelivered");
             ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
                 .await
                 .unwrap();
-            ch.basic_cancel(c.tag(), BasicCancelOptions::default())
+            ch.basic_cancel(ss("next"), BasicCancelOptions::default())
                 .await
                 .unwrap();
             assert_eq!(queue_state(&conn, "ad-consumed").await, None);
