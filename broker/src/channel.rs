@@ -27,8 +27,8 @@ use crate::message::Message;
 use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
 use crate::queue::handle::{
-    ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, PendingStoreWrites, Queue,
-    SyncKind,
+    ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, PendingDispatch,
+    PendingStoreWrites, Queue, SyncKind,
 };
 use crate::tags::TagMap;
 use crate::vhost::{check_exclusive, QueueDeclare, VHost};
@@ -47,6 +47,8 @@ pub struct ConnCtx<'a> {
     pub broker: &'a Broker,
     /// Store writes to hand to the OS before the connection's next socket write.
     pub store_writes: &'a mut PendingStoreWrites,
+    /// Queues with published messages not yet offered to consumers.
+    pub dispatch: &'a mut PendingDispatch,
 }
 
 /// A delivery the client has not settled yet.
@@ -765,7 +767,7 @@ impl Channel {
             });
             let mut delivered = 0usize;
             for queue in &queues {
-                match queue.publish(msg.clone()) {
+                match queue.publish(msg.clone(), Some(&mut *ctx.dispatch)) {
                     Enqueued::Accepted => delivered += 1,
                     Enqueued::Persisted => {
                         delivered += 1;
@@ -1011,42 +1013,49 @@ impl Channel {
 
     // ------------------------------------------------------------------ deliveries
 
-    /// Writes a delivery from a queue. Returns false when the channel no longer wants it (the
-    /// consumer was cancelled), in which case the message has been handed back to the queue.
+    /// Writes deliveries from a queue. If the consumer was cancelled meanwhile, the messages go
+    /// back to the queue instead.
     pub fn deliver(&mut self, ctx: &mut ConnCtx<'_>, d: Delivery) {
-        let unblocked = self.limiter.written();
+        let n = u32::try_from(d.items.len()).unwrap_or(u32::MAX);
+        let unblocked = self.limiter.written(n);
         if !self.consumers.contains_key(&d.tag) {
             // Cancelled while the delivery was in the mailbox: give it back.
-            self.limiter.settled(1);
+            self.limiter.settled(n);
             if !d.no_ack {
-                d.queue.requeue(&[d.seq]);
+                let seqs: Vec<MsgSeq> = d.items.iter().map(|item| item.seq).collect();
+                d.queue.requeue(&seqs);
             }
             return;
         }
-        let tag = self.next_delivery_tag;
-        self.next_delivery_tag += 1;
-        encode_basic_deliver(
-            ctx.out,
-            self.id,
-            d.tag.as_bytes(),
-            tag,
-            d.redelivered,
-            &d.msg.exchange,
-            &d.msg.routing_key,
-        );
-        encode_message(ctx, self.id, &d.msg);
+        for item in &d.items {
+            let tag = self.next_delivery_tag;
+            self.next_delivery_tag += 1;
+            encode_basic_deliver(
+                ctx.out,
+                self.id,
+                d.tag.as_bytes(),
+                tag,
+                item.redelivered,
+                &item.msg.exchange,
+                &item.msg.routing_key,
+            );
+            encode_message(ctx, self.id, &item.msg);
+        }
         let was_blocked = self.limiter.is_blocked();
         if d.no_ack {
-            self.limiter.settled(1);
+            self.limiter.settled(n);
         } else {
-            self.unacked.insert(
-                tag,
-                Unacked {
-                    queue: d.queue,
-                    seq: d.seq,
-                    counted: true,
-                },
-            );
+            let first_tag = self.next_delivery_tag - u64::from(n);
+            for (tag, item) in (first_tag..).zip(&d.items) {
+                self.unacked.insert(
+                    tag,
+                    Unacked {
+                        queue: d.queue.clone(),
+                        seq: item.seq,
+                        counted: true,
+                    },
+                );
+            }
         }
         if unblocked || (was_blocked && !self.limiter.is_blocked()) {
             self.wake_queues();

@@ -27,7 +27,7 @@ use crate::broker::Broker;
 use crate::channel::{Channel, ConnCtx};
 use crate::error::{code, AmqpError};
 use crate::queue::consumers::ChannelKey;
-use crate::queue::handle::{ConnEvent, PendingStoreWrites};
+use crate::queue::handle::{ConnEvent, PendingDispatch, PendingStoreWrites};
 use crate::vhost::VHost;
 
 /// How long we wait for connection.close-ok after sending connection.close.
@@ -121,6 +121,7 @@ pub async fn serve<S>(
             events_rx,
             exclusive_queues: Vec::new(),
             store_writes: PendingStoreWrites::default(),
+            dispatch: PendingDispatch::default(),
             publisher: false,
             blocked_sent: false,
         };
@@ -169,6 +170,8 @@ struct Connection<S> {
     events_rx: mpsc::UnboundedReceiver<ConnEvent>,
     exclusive_queues: Vec<Arc<str>>,
     store_writes: PendingStoreWrites,
+    /// Queues this connection published to since its last dispatch run.
+    dispatch: PendingDispatch,
     /// Set by the first basic.publish: only publishers are held back by the memory alarm.
     publisher: bool,
     /// connection.blocked was sent and connection.unblocked is owed.
@@ -463,16 +466,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let frame = match self.splitter.decode(&mut self.rbuf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
+                    self.dispatch.run();
                     self.flush_confirms();
                     return None;
                 }
                 Err(e) => {
+                    self.dispatch.run();
                     // The stream cannot be re-synchronised after a framing error.
                     self.rbuf.clear();
                     return Some(self.close_with(protocol_error(&e)).await);
                 }
             };
-            match self.handle_frame(frame) {
+            let flow = self.handle_frame(frame);
+            if !matches!(flow, Ok(Flow::Continue)) {
+                self.dispatch.run();
+            }
+            match flow {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::ClientClosed) => {
                     let _ = self.flush().await;
@@ -627,6 +636,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         channel_id: u16,
         command: warren_protocol::Command,
     ) -> Result<(), AmqpError> {
+        if let Method::Publish(_) = &command.method {
+            self.publisher = true;
+        } else {
+            // Whatever this command does, it sees the queues as immediate dispatch leaves them.
+            self.dispatch.run();
+        }
         if let Method::Other(AMQPClass::Channel(m)) = &command.method {
             return match m {
                 channel::AMQPMethod::Open(_) => {
@@ -658,9 +673,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             };
         }
-        if let Method::Publish(_) = &command.method {
-            self.publisher = true;
-        }
         if let Method::Other(AMQPClass::Connection(_)) = &command.method {
             return Err(AmqpError::command_invalid(
                 "connection class method on a non-zero channel",
@@ -685,6 +697,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             exclusive_queues: &mut self.exclusive_queues,
             broker: &self.broker,
             store_writes: &mut self.store_writes,
+            dispatch: &mut self.dispatch,
         };
         ch.handle(&mut ctx, command)
     }
@@ -766,10 +779,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             exclusive_queues: &mut self.exclusive_queues,
             broker: &self.broker,
             store_writes: &mut self.store_writes,
+            dispatch: &mut self.dispatch,
         };
         match event {
             ConnEvent::Deliver(d) => {
-                if d.stored {
+                if d.stored() {
                     ctx.store_writes.note(&d.queue);
                 }
                 ch.deliver(&mut ctx, d)

@@ -63,9 +63,10 @@ impl ChannelLimiter {
         true
     }
 
-    /// A delivery left the mailbox (encoded or dropped). True when this may unblock queues.
-    pub fn written(&self) -> bool {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed) == IN_FLIGHT_CAP
+    /// `n` deliveries left the mailbox (encoded or dropped). True when this may unblock queues.
+    pub fn written(&self, n: u32) -> bool {
+        let before = self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        before >= IN_FLIGHT_CAP && before.saturating_sub(n) < IN_FLIGHT_CAP
     }
 
     /// `n` deliveries were settled (ack/nack/reject, or no-ack ones written).
@@ -113,20 +114,35 @@ pub enum SyncKind {
     Background,
 }
 
-/// One message on its way to a consumer's connection.
+/// Messages on their way to one consumer's connection: whatever one dispatch run gave that
+/// consumer in a row, so that a burst costs one mailbox send and one set of reference counts.
+///
+/// Invariant: `items` is never empty and keeps the queue's delivery order.
 #[derive(Debug)]
 pub struct Delivery {
     pub channel: ChannelKey,
     pub channel_id: u16,
     pub tag: Arc<str>,
     pub queue: Arc<Queue>,
+    pub no_ack: bool,
+    pub items: Vec<DeliveryItem>,
+}
+
+impl Delivery {
+    /// True when the queue's store recorded at least one of these deliveries in a buffer
+    /// (a delivery mark, or the ack of a no-ack delivery): the receiving connection hands it
+    /// to the OS before it writes the deliveries to its socket (see [`PendingStoreWrites`]).
+    pub fn stored(&self) -> bool {
+        self.items.iter().any(|item| item.stored)
+    }
+}
+
+/// One message of a [`Delivery`].
+#[derive(Debug)]
+pub struct DeliveryItem {
     pub seq: MsgSeq,
     pub msg: Arc<Message>,
     pub redelivered: bool,
-    pub no_ack: bool,
-    /// The queue's store recorded this delivery (a delivery mark, or the ack of a no-ack
-    /// delivery) in a buffer: the receiving connection hands it to the OS before it writes the
-    /// delivery to its socket (see [`PendingStoreWrites`]).
     pub stored: bool,
 }
 
@@ -154,6 +170,43 @@ impl PendingStoreWrites {
             queue.flush_store_writes();
         }
     }
+}
+
+/// Queues that took messages from one connection's publishes and have not offered them to
+/// their consumers yet.
+///
+/// A publish only enqueues; the connection runs [`PendingDispatch::run`] once its read batch
+/// is handled, and before any command other than basic.publish, so that a burst of publishes
+/// reaches a consumer as one batch (one lock, one mailbox send) and no other command can see
+/// a queue state that immediate dispatch would not have produced.
+#[derive(Debug, Default)]
+pub struct PendingDispatch(Vec<Arc<Queue>>);
+
+impl PendingDispatch {
+    fn note(&mut self, queue: &Arc<Queue>) {
+        // Usually one queue; a short scan keeps the list free of duplicates.
+        if !self.0.iter().rev().take(8).any(|q| Arc::ptr_eq(q, queue)) {
+            self.0.push(queue.clone());
+        }
+    }
+
+    /// Offers the noted queues' new messages to their consumers.
+    pub fn run(&mut self) {
+        for queue in self.0.drain(..) {
+            queue.dispatch();
+        }
+    }
+}
+
+/// Hands a batch to the consumer's connection. An empty batch (every message in it was
+/// unreadable or expired, and gave its credit back) is dropped.
+fn send_delivery(sink: &ConsumerSink, delivery: Delivery) {
+    if delivery.items.is_empty() {
+        return;
+    }
+    // A closed mailbox means the connection is going away; its cleanup requeues the messages
+    // through channel_closed, so nothing is lost here.
+    let _ = sink.events.send(ConnEvent::Deliver(delivery));
 }
 
 /// Where a consumer's deliveries go.
@@ -484,12 +537,26 @@ impl Queue {
         self.lock().store.is_some()
     }
 
-    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> Enqueued {
+    /// Enqueues a message. With `defer`, a queue whose messages cannot expire and whose
+    /// length is not limited leaves the dispatch to the caller's [`PendingDispatch`] (where a
+    /// TTL or a limit applies, what happens to the message depends on whether a consumer takes
+    /// it right now, so those queues dispatch at once).
+    pub fn publish(
+        self: &Arc<Self>,
+        msg: Arc<Message>,
+        defer: Option<&mut PendingDispatch>,
+    ) -> Enqueued {
         let mut st = self.lock();
         if st.deleted {
             return Enqueued::QueueGone;
         }
         let limits = self.props.limits;
+        let defer = defer.filter(|_| {
+            limits.message_ttl.is_none()
+                && limits.max_length.is_none()
+                && limits.max_length_bytes.is_none()
+                && msg.ttl.is_none()
+        });
         if limits.overflow != Overflow::DropHead {
             let count = st.core.message_count() as u64 + 1;
             if limits.over(count, st.core.ready_bytes() + msg.body_size()) {
@@ -536,6 +603,11 @@ impl Queue {
             _ => QMsg::Mem(msg),
         };
         let seq = st.core.publish(entry);
+        if let Some(pending) = defer {
+            drop(st);
+            pending.note(self);
+            return outcome;
+        }
         self.dispatch_fresh(&mut st, Some(seq));
         // drop-head: whatever no consumer took and does not fit goes, oldest first.
         while limits.over(st.core.message_count() as u64, st.core.ready_bytes()) {
@@ -743,6 +815,8 @@ impl Queue {
         }
         let ttl = self.props.limits.message_ttl;
         let now = std::time::Instant::now();
+        // Deliveries to the same consumer in a row travel as one batch.
+        let mut batch: Option<(ConsumerSink, Delivery)> = None;
         loop {
             let delivery = {
                 let QueueState { core, limiters, .. } = &mut *st;
@@ -756,9 +830,29 @@ impl Queue {
             let Some(d) = delivery else {
                 break;
             };
-            let Some(sink) = st.sinks.get(&d.consumer).cloned() else {
-                // Cannot happen (sinks mirror the consumer set); keep the message if it does.
-                st.core.requeue([d.seq]);
+            let same_consumer = batch.as_ref().is_some_and(|(_, b)| {
+                b.channel == d.consumer.channel && Arc::ptr_eq(&b.tag, &d.consumer.tag)
+            });
+            if !same_consumer {
+                let Some(sink) = st.sinks.get(&d.consumer).cloned() else {
+                    // Cannot happen (sinks mirror the consumer set); keep the message if it does.
+                    st.core.requeue([d.seq]);
+                    break;
+                };
+                if let Some((sink, delivery)) = batch.take() {
+                    send_delivery(&sink, delivery);
+                }
+                let delivery = Delivery {
+                    channel: d.consumer.channel,
+                    channel_id: sink.channel_id,
+                    tag: d.consumer.tag.clone(),
+                    queue: self.clone(),
+                    no_ack: d.no_ack,
+                    items: Vec::new(),
+                };
+                batch = Some((sink, delivery));
+            }
+            let Some((sink, delivery)) = batch.as_mut() else {
                 break;
             };
             let Some(msg) = st.load(&d.msg, &self.memory, &self.name) else {
@@ -767,7 +861,7 @@ impl Queue {
                     st.core.ack(d.seq);
                 }
                 sink.limiter.settled(1);
-                sink.limiter.written();
+                sink.limiter.written(1);
                 continue;
             };
             if Some(d.seq) != fresh && msg.is_expired(ttl, now) {
@@ -776,7 +870,7 @@ impl Queue {
                 }
                 st.forget(&d.msg, &self.name);
                 sink.limiter.settled(1);
-                sink.limiter.written();
+                sink.limiter.written(1);
                 continue;
             }
             if d.no_ack {
@@ -784,20 +878,15 @@ impl Queue {
             } else {
                 mark_delivered(st, &d.msg);
             }
-            let event = ConnEvent::Deliver(Delivery {
-                channel: d.consumer.channel,
-                channel_id: sink.channel_id,
-                tag: d.consumer.tag.clone(),
-                queue: self.clone(),
+            delivery.items.push(DeliveryItem {
                 seq: d.seq,
                 msg,
                 redelivered: d.redelivered,
-                no_ack: d.no_ack,
                 stored: d.msg.location().is_some(),
             });
-            // A closed mailbox means the connection is going away; its cleanup requeues the
-            // message through channel_closed, so nothing is lost here.
-            let _ = sink.events.send(event);
+        }
+        if let Some((sink, delivery)) = batch {
+            send_delivery(&sink, delivery);
         }
     }
 
@@ -896,5 +985,26 @@ mod tests {
     #[test]
     fn a_queued_message_index_entry_is_16_bytes() {
         assert_eq!(std::mem::size_of::<QMsg>(), 16);
+    }
+
+    /// A batch written at once unblocks the queues exactly when it takes the mailbox from
+    /// full to not full, like the same deliveries written one by one would.
+    #[test]
+    fn writing_a_batch_reports_the_crossing_below_the_in_flight_cap() {
+        let limiter = ChannelLimiter::default();
+        for _ in 0..IN_FLIGHT_CAP {
+            assert!(limiter.try_acquire());
+        }
+        assert!(!limiter.try_acquire(), "the mailbox is full");
+        assert!(limiter.is_blocked());
+        assert!(limiter.written(10), "full to not full");
+        assert!(!limiter.is_blocked());
+        assert!(!limiter.written(10), "not full before either");
+        for _ in 0..20 {
+            assert!(limiter.try_acquire());
+        }
+        assert!(!limiter.try_acquire());
+        assert!(limiter.written(1), "one delivery is enough to cross");
+        assert!(!limiter.written(IN_FLIGHT_CAP - 1));
     }
 }
