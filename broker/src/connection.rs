@@ -19,7 +19,8 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn, Instrument};
 use warren_protocol::{
     check_protocol_header, decode_method, encode_heartbeat, encode_method, encode_protocol_header,
-    FrameKind, FrameSplitter, Method, ProtocolError, ProtocolHeader, RawFrame, FRAME_MIN_SIZE,
+    CommandAssembler, FrameKind, FrameSplitter, Method, ProtocolError, ProtocolHeader, RawFrame,
+    FRAME_MIN_SIZE,
 };
 
 use crate::auth::{self, AuthError};
@@ -463,21 +464,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Handles every complete frame in the read buffer. Returns Some when the connection ends.
     async fn process_input(&mut self) -> Option<End> {
         loop {
-            let frame = match self.splitter.decode(&mut self.rbuf) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => {
-                    self.dispatch.run();
-                    self.flush_confirms();
-                    return None;
-                }
-                Err(e) => {
-                    self.dispatch.run();
-                    // The stream cannot be re-synchronised after a framing error.
-                    self.rbuf.clear();
-                    return Some(self.close_with(protocol_error(&e)).await);
+            let flow = match self.take_publish() {
+                Some(flow) => flow,
+                None => {
+                    let frame = match self.splitter.decode(&mut self.rbuf) {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => {
+                            self.dispatch.run();
+                            self.flush_confirms();
+                            return None;
+                        }
+                        Err(e) => {
+                            self.dispatch.run();
+                            // The stream cannot be re-synchronised after a framing error.
+                            self.rbuf.clear();
+                            return Some(self.close_with(protocol_error(&e)).await);
+                        }
+                    };
+                    self.handle_frame(frame)
                 }
             };
-            let flow = self.handle_frame(frame);
             if !matches!(flow, Ok(Flow::Continue)) {
                 self.dispatch.run();
             }
@@ -545,28 +551,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 Ok(Flow::Continue)
             }
-            Some(ChannelSlot::Open(ch)) => {
-                let command = match ch.assembler.push(frame) {
-                    Ok(Some(command)) => command,
-                    Ok(None) => return Ok(Flow::Continue),
-                    Err(e) => return Err(protocol_error(&e)),
+            Some(ChannelSlot::Open(ch)) => match ch.assembler.push(frame) {
+                Ok(Some(command)) => self.execute(channel_id, command),
+                Ok(None) => Ok(Flow::Continue),
+                Err(e) => Err(protocol_error(&e)),
+            },
+        }
+    }
+
+    /// A whole basic.publish at the front of the read buffer for an open channel, taken in one
+    /// step (see [`CommandAssembler::take_publish`]); None when the frame-by-frame path must
+    /// handle what is there. Errors are hard ones, as from [`Self::handle_frame`].
+    fn take_publish(&mut self) -> Option<Result<Flow, AmqpError>> {
+        let channel_id = CommandAssembler::publish_channel(&self.rbuf)?;
+        let frame_max = self.splitter.frame_max();
+        let Some(ChannelSlot::Open(ch)) = self.channels.get_mut(&channel_id) else {
+            return None;
+        };
+        match ch.assembler.take_publish(&mut self.rbuf, frame_max) {
+            Ok(Some(command)) => Some(self.execute(channel_id, command)),
+            Ok(None) => None,
+            Err(e) => Some(Err(protocol_error(&e))),
+        }
+    }
+
+    /// Runs a complete command: soft errors close its channel, hard ones are returned.
+    fn execute(
+        &mut self,
+        channel_id: u16,
+        command: warren_protocol::Command,
+    ) -> Result<Flow, AmqpError> {
+        let method_ids = (command.method.class_id(), command.method.method_id());
+        match self.handle_command(channel_id, command) {
+            Ok(()) => Ok(Flow::Continue),
+            Err(err) => {
+                let err = if err.class_id == 0 && err.method_id == 0 {
+                    err.on(method_ids.0, method_ids.1)
+                } else {
+                    err
                 };
-                let method_ids = (command.method.class_id(), command.method.method_id());
-                match self.handle_command(channel_id, command) {
-                    Ok(()) => Ok(Flow::Continue),
-                    Err(err) => {
-                        let err = if err.class_id == 0 && err.method_id == 0 {
-                            err.on(method_ids.0, method_ids.1)
-                        } else {
-                            err
-                        };
-                        if err.is_hard() {
-                            return Err(err);
-                        }
-                        self.fail_channel(channel_id, err);
-                        Ok(Flow::Continue)
-                    }
+                if err.is_hard() {
+                    return Err(err);
                 }
+                self.fail_channel(channel_id, err);
+                Ok(Flow::Continue)
             }
         }
     }

@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::content::ContentHeader;
 use crate::error::{ProtocolError, Unexpected};
-use crate::frame::{FrameKind, RawFrame};
+use crate::frame::{FrameKind, RawFrame, FRAME_END, FRAME_HEADER_SIZE, FRAME_OVERHEAD};
 use crate::method::{decode_method, Method};
 
 /// RabbitMQ's hard cap on a message body (`?MAX_MSG_SIZE`, 512 MiB), checked against the
@@ -222,6 +222,101 @@ impl CommandAssembler {
                 Err(unexpected(Unexpected::ExpectedContentBody { got }))
             }
         }
+    }
+
+    /// The channel of a basic.publish method frame at the start of `buf`, if one starts there
+    /// (only its first 11 bytes are looked at): the cue to try [`Self::take_publish`].
+    pub fn publish_channel(buf: &[u8]) -> Option<u16> {
+        match buf.first_chunk::<{ FRAME_HEADER_SIZE + 4 }>() {
+            Some(&[1, c0, c1, _, _, _, _, 0, 60, 0, 40]) => {
+                Some(u16::from_be_bytes([c0, c1])).filter(|&channel| channel != 0)
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes a whole basic.publish off the front of `buf` in one step when it is all there and
+    /// in the common shape: method, content header and at most one body frame, all on one
+    /// channel. A publisher's stream is mostly that, and this skips the per-frame state
+    /// machine of [`Self::push`].
+    ///
+    /// Ok(None), with `buf` untouched, whenever anything differs from that shape or is not
+    /// complete yet (a frame over `frame_max`, a bad frame end, another frame type or channel,
+    /// a header of another class or with a weight, a body over the limit or in several
+    /// frames): feeding the frames to [`Self::push`] then gives the right answer, error
+    /// included. Errors from the method and header payloads are those `push` would return
+    /// for the same frames. Must be called only while no command is partially assembled.
+    pub fn take_publish(
+        &mut self,
+        buf: &mut BytesMut,
+        frame_max: u32,
+    ) -> Result<Option<Command>, ProtocolError> {
+        if !self.is_idle() {
+            return Ok(None);
+        }
+        let Some(channel) = Self::publish_channel(buf) else {
+            return Ok(None);
+        };
+        // (payload start, payload length) of a complete, well-formed frame at `at`.
+        let frame_at = |at: usize, kind: u8| -> Option<(usize, usize)> {
+            let header = buf.get(at..at + FRAME_HEADER_SIZE)?;
+            let &[k, c0, c1, s0, s1, s2, s3] = header else {
+                return None;
+            };
+            let size = usize::try_from(u32::from_be_bytes([s0, s1, s2, s3])).ok()?;
+            let total = size.checked_add(FRAME_OVERHEAD)?;
+            if k != kind
+                || u16::from_be_bytes([c0, c1]) != channel
+                || (frame_max != 0 && total > usize::try_from(frame_max).ok()?)
+                || *buf.get(at + total - 1)? != FRAME_END
+            {
+                return None;
+            }
+            Some((at + FRAME_HEADER_SIZE, size))
+        };
+        let Some((method_at, method_len)) = frame_at(0, 1) else {
+            return Ok(None);
+        };
+        let header_frame = method_at + method_len + 1;
+        let Some((header_at, header_len)) = frame_at(header_frame, 2) else {
+            return Ok(None);
+        };
+        // Class 60, weight 0 and the body size: the checks `on_header` makes before decoding.
+        let Some(&[0, 60, 0, 0, b0, b1, b2, b3, b4, b5, b6, b7]) = buf
+            .get(header_at..header_at + header_len)
+            .and_then(|h| h.first_chunk::<12>())
+        else {
+            return Ok(None);
+        };
+        let body_size = u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+        if body_size > self.max_body_size {
+            return Ok(None);
+        }
+        let mut end = header_at + header_len + 1;
+        let mut body = None;
+        if body_size > 0 {
+            let Some((body_at, body_len)) = frame_at(end, 3) else {
+                return Ok(None);
+            };
+            if body_len as u64 != body_size {
+                return Ok(None);
+            }
+            body = Some(body_at..body_at + body_len);
+            end = body_at + body_len + 1;
+        }
+        let all = buf.split_to(end).freeze();
+        let method = decode_method(all.slice(method_at..method_at + method_len))?;
+        let (class_id, method_id) = (method.class_id(), method.method_id());
+        let header = ContentHeader::decode(all.slice(header_at..header_at + header_len))
+            .map_err(|e| e.on_method(class_id, method_id))?;
+        Ok(Some(Command {
+            channel,
+            method,
+            content: Some(Content {
+                header,
+                body: body.map_or_else(Bytes::new, |range| all.slice(range)),
+            }),
+        }))
     }
 
     fn on_header(

@@ -453,3 +453,165 @@ proptest! {
         let _ = ContentHeader::decode(Bytes::from(payload));
     }
 }
+
+/// What the frame-by-frame path makes of `wire`: the commands and the first error, if any.
+fn assemble_frame_by_frame(wire: &[u8], frame_max: u32) -> (Vec<Command>, Option<ProtocolError>) {
+    let mut buf = BytesMut::from(wire);
+    let mut splitter = FrameSplitter::new(frame_max);
+    let mut assembler = CommandAssembler::new();
+    let mut commands = Vec::new();
+    loop {
+        match splitter.decode(&mut buf) {
+            Ok(Some(frame)) => match assembler.push(frame) {
+                Ok(Some(command)) => commands.push(command),
+                Ok(None) => {}
+                Err(e) => return (commands, Some(e)),
+            },
+            Ok(None) => return (commands, None),
+            Err(e) => return (commands, Some(e)),
+        }
+    }
+}
+
+/// The connection's loop: `take_publish` first, the frame-by-frame path when it declines.
+fn assemble_with_fast_path(wire: &[u8], frame_max: u32) -> (Vec<Command>, Option<ProtocolError>) {
+    let mut buf = BytesMut::from(wire);
+    let mut splitter = FrameSplitter::new(frame_max);
+    let mut assembler = CommandAssembler::new();
+    let mut commands = Vec::new();
+    loop {
+        let before = buf.len();
+        match assembler.take_publish(&mut buf, frame_max) {
+            Ok(Some(command)) => {
+                commands.push(command);
+                continue;
+            }
+            Ok(None) => assert_eq!(buf.len(), before, "declining leaves the buffer alone"),
+            Err(e) => return (commands, Some(e)),
+        }
+        match splitter.decode(&mut buf) {
+            Ok(Some(frame)) => match assembler.push(frame) {
+                Ok(Some(command)) => commands.push(command),
+                Ok(None) => {}
+                Err(e) => return (commands, Some(e)),
+            },
+            Ok(None) => return (commands, None),
+            Err(e) => return (commands, Some(e)),
+        }
+    }
+}
+
+fn publish_wire(
+    channel: u16,
+    exchange: &str,
+    routing_key: &str,
+    props: &BasicProperties,
+    body: &[u8],
+    frame_max: u32,
+) -> BytesMut {
+    let class = AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
+        mandatory: false,
+        immediate: false,
+    }));
+    let mut wire = BytesMut::new();
+    encode_method(&mut wire, channel, &class);
+    let header = ContentHeader::from_properties(60, body.len() as u64, props);
+    encode_content(
+        &mut wire,
+        channel,
+        60,
+        body.len() as u64,
+        &header.raw_properties,
+        body,
+        frame_max,
+    );
+    wire
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Publishes (one body frame, several, or none), cut anywhere and followed by anything:
+    /// the fast path gives the commands and the error the frame-by-frame path gives.
+    #[test]
+    fn take_publish_agrees_with_the_frame_by_frame_path(
+        publishes in proptest::collection::vec(
+            (1u16..4, short_string(), short_string(), properties(),
+             proptest::collection::vec(any::<u8>(), 0..3000)),
+            1..4,
+        ),
+        frame_max in prop_oneof![Just(0u32), Just(131_072u32), 1024u32..4096],
+        tail in proptest::collection::vec(any::<u8>(), 0..40),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut wire = BytesMut::new();
+        for (channel, exchange, routing_key, props, body) in &publishes {
+            wire.extend_from_slice(&publish_wire(*channel, exchange, routing_key, props, body, frame_max));
+        }
+        let whole = assemble_with_fast_path(&wire, frame_max);
+        if frame_max == 0 || frame_max >= 131_072 {
+            // Nothing is over frame_max: every publish comes out.
+            prop_assert!(whole.1.is_none(), "{:?}", whole.1);
+            prop_assert_eq!(whole.0.len(), publishes.len());
+        }
+        prop_assert_eq!(&whole, &assemble_frame_by_frame(&wire, frame_max));
+        let at = cut.index(wire.len() + 1);
+        prop_assert_eq!(
+            assemble_with_fast_path(&wire[..at], frame_max),
+            assemble_frame_by_frame(&wire[..at], frame_max)
+        );
+        wire.extend_from_slice(&tail);
+        prop_assert_eq!(
+            assemble_with_fast_path(&wire, frame_max),
+            assemble_frame_by_frame(&wire, frame_max)
+        );
+    }
+
+    /// One corrupted byte anywhere in a publish: same outcome on both paths.
+    #[test]
+    fn take_publish_agrees_on_corrupted_publishes(
+        routing_key in short_string(),
+        props in properties(),
+        body in proptest::collection::vec(any::<u8>(), 0..600),
+        frame_max in prop_oneof![Just(0u32), 512u32..1024],
+        at in any::<prop::sample::Index>(),
+        byte: u8,
+    ) {
+        let mut wire = publish_wire(1, "x", &routing_key, &props, &body, frame_max);
+        let i = at.index(wire.len());
+        wire[i] = byte;
+        prop_assert_eq!(
+            assemble_with_fast_path(&wire, frame_max),
+            assemble_frame_by_frame(&wire, frame_max)
+        );
+    }
+}
+
+#[test]
+fn take_publish_takes_whole_publishes_and_leaves_the_rest() {
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut wire = publish_wire(3, "ex", "rk", &props, b"hello", 0);
+    wire.extend_from_slice(&publish_wire(3, "", "q", &props, b"", 0));
+    wire.extend_from_slice(&publish_wire(3, "", "q", &props, &[7; 3000], 1024));
+    let mut assembler = CommandAssembler::new();
+    let first = assembler.take_publish(&mut wire, 0).unwrap().unwrap();
+    assert_eq!(first.channel, 3);
+    let Method::Publish(p) = &first.method else {
+        panic!("{:?}", first.method)
+    };
+    assert_eq!(
+        (&p.exchange[..], &p.routing_key[..]),
+        (&b"ex"[..], &b"rk"[..])
+    );
+    let content = first.content.unwrap();
+    assert_eq!(&content.body[..], b"hello");
+    assert_eq!(content.header.delivery_mode, Some(2));
+    let empty = assembler.take_publish(&mut wire, 0).unwrap().unwrap();
+    assert!(empty.content.unwrap().body.is_empty());
+    // A body in three frames is left to the frame-by-frame path.
+    let left = wire.len();
+    assert!(assembler.take_publish(&mut wire, 1024).unwrap().is_none());
+    assert_eq!(wire.len(), left);
+}
