@@ -1138,3 +1138,57 @@ async fn repeated_publishes_follow_bindings_and_queues_as_they_change() {
     delete_queue(&mut other, 1, &qa).await;
     delete_queue(&mut other, 1, &qb).await;
 }
+
+/// Publishes followed by queue.delete in one write: the consumer gets every message, in
+/// order, before its queue goes, and delete-ok counts no message left (RabbitMQ's queue
+/// process handles a channel's publishes and its delete in order, delivering on receipt).
+/// Warren offers a burst of publishes to consumers once per read batch, so this checks that
+/// any other command sees the queue as per-message dispatch would have left it.
+#[tokio::test]
+async fn publishes_then_delete_in_one_write_reach_the_consumer_first() {
+    let t = target();
+    let mut consumer = client_with_caps(&t, &["consumer_cancel_notify"]).await;
+    let q = declare_queue(&mut consumer, 1, &uniq("q.burst-delete"), false).await;
+    let tag = consume(&mut consumer, 1, &q, "", true).await;
+    let mut publisher = client(&t).await;
+    let mut bytes = Vec::new();
+    for i in 0..50u32 {
+        let body = format!("m{i}");
+        bytes.extend(with_channel(publish_method("", &q, false, false), 1));
+        bytes.extend(raw_frame(
+            FRAME_HEADER,
+            1,
+            &header_payload(body.len() as u64, NO_PROPS),
+        ));
+        bytes.extend(raw_frame(FRAME_BODY, 1, body.as_bytes()));
+    }
+    let mut args = vec![0, 0]; // ticket
+    put_shortstr(&mut args, &q);
+    args.push(0); // if-unused, if-empty, nowait: all false
+    bytes.extend(raw_frame(
+        FRAME_METHOD,
+        1,
+        &raw_method_payload(50, 40, &args),
+    ));
+    publisher.send_bytes(&bytes).await.unwrap();
+    let f = publisher.expect_method(1, 50, 41).await.unwrap();
+    match f.method() {
+        Some(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok))) => {
+            assert_eq!(ok.message_count, 0, "every message went to the consumer")
+        }
+        other => panic!("delete-ok expected, got {other:?}"),
+    }
+    for i in 0..50u32 {
+        let m = read_message(&mut consumer, 1).await.unwrap();
+        assert_eq!(m.body(), format!("m{i}").into_bytes(), "message {i}");
+    }
+    let f = consumer.read_frame(WAIT).await.unwrap();
+    match f.method() {
+        Some(AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel))) => {
+            assert_eq!(cancel.consumer_tag.as_str(), tag)
+        }
+        other => panic!("basic.cancel expected after the messages, got {other:?}"),
+    }
+    publisher.close().await.unwrap();
+    consumer.close().await.unwrap();
+}
