@@ -22,7 +22,7 @@ pub struct Broker {
     /// Source of globally unique ids (channel keys, consumer tags, queue names).
     next_id: AtomicU64,
     /// Memory held by messages; its alarm blocks publishers.
-    pub resources: Arc<ResourceMonitor>,
+    pub resources: &'static ResourceMonitor,
     /// Connections that completed connection.open-ok and are still open.
     open_connections: AtomicUsize,
     /// Durable state; None for a broker that keeps nothing on disk (unit tests).
@@ -59,7 +59,7 @@ impl Broker {
             config.default_vhost.clone(),
             Arc::new(VHost::new(
                 &config.default_vhost,
-                memory.clone(),
+                memory,
                 persistence.clone(),
             )),
         );
@@ -79,11 +79,7 @@ impl Broker {
             let mut vhosts = self.vhosts.write().unwrap_or_else(|e| e.into_inner());
             for name in defs.vhosts.keys() {
                 vhosts.entry(name.clone()).or_insert_with(|| {
-                    Arc::new(VHost::new(
-                        name,
-                        self.resources.clone(),
-                        Some(persistence.clone()),
-                    ))
+                    Arc::new(VHost::new(name, self.resources, Some(persistence.clone())))
                 });
             }
         }

@@ -23,7 +23,7 @@ use crate::confirms::{ConfirmFrame, ConfirmTracker};
 use crate::connection::{short_string, ClientCapabilities};
 use crate::error::{code, resource, AmqpError};
 use crate::exchange::{Destination, RouteSet};
-use crate::message::Message;
+use crate::message::{Body as MessageBody, Message, MessageParts};
 use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
 use crate::queue::handle::{
@@ -494,8 +494,8 @@ impl Channel {
                             self.id,
                             tag,
                             got.redelivered,
-                            &msg.exchange,
-                            &msg.routing_key,
+                            msg.exchange(),
+                            msg.routing_key(),
                             got.remaining,
                         );
                         encode_message(ctx, self.id, msg);
@@ -726,45 +726,21 @@ impl Channel {
         persisted.clear();
         let result = routed.map(|()| {
             // Queued messages get their own allocations: frame slices would pin whole read
-            // buffers for as long as the message waits.
-            let charge = ctx.broker.resources.charge(Message::footprint(
-                &p.exchange,
-                &routing_key,
-                &header,
-                &content.body,
-            ));
-            // One allocation for the parts (they live and die together). A big body stays
-            // the slice of the read buffer it arrived in: it is most of that buffer anyway,
-            // and copying 64 KiB bodies was a large share of their cost.
-            let big = content.body.len() >= ZERO_COPY_BODY;
-            let body: &[u8] = if big { &[] } else { &content.body[..] };
-            let parts = [
-                &p.exchange[..],
-                &routing_key[..],
-                &header.raw_properties[..],
-                body,
-            ];
-            let mut buf = BytesMut::with_capacity(parts.iter().map(|s| s.len()).sum());
-            for part in parts {
-                buf.extend_from_slice(part);
-            }
-            let all = buf.freeze();
-            let e = p.exchange.len();
-            let r = e + routing_key.len();
-            let h = r + header.raw_properties.len();
-            let msg = Arc::new(Message {
-                exchange: all.slice(..e),
-                routing_key: all.slice(e..r),
-                header: header.rebased(all.slice(r..h)),
-                body: if big {
-                    content.body.clone()
+            // buffers for as long as the message waits. A big body stays the slice of the read
+            // buffer it arrived in: it is most of that buffer anyway, and copying 64 KiB
+            // bodies was a large share of their cost.
+            let parts = MessageParts {
+                exchange: &p.exchange,
+                routing_key: &routing_key,
+                header: &header,
+                body: if content.body.len() >= ZERO_COPY_BODY {
+                    MessageBody::Keep(content.body.clone())
                 } else {
-                    all.slice(h..)
+                    MessageBody::Copy(&content.body)
                 },
-                charge,
-                published: std::time::Instant::now(),
-                ttl,
-            });
+            };
+            let charge = ctx.broker.resources.charge(Message::footprint(&parts));
+            let msg = Arc::new(Message::new(parts, charge, std::time::Instant::now(), ttl));
             let mut delivered = 0usize;
             for queue in &queues {
                 match queue.publish(msg.clone(), Some(&mut *ctx.dispatch)) {
@@ -786,8 +762,8 @@ impl Channel {
                     self.id,
                     code::NO_ROUTE,
                     b"NO_ROUTE",
-                    &msg.exchange,
-                    &msg.routing_key,
+                    msg.exchange(),
+                    msg.routing_key(),
                 );
                 encode_message(ctx, self.id, &msg);
             }
@@ -1036,8 +1012,8 @@ impl Channel {
                 d.tag.as_bytes(),
                 tag,
                 item.redelivered,
-                &item.msg.exchange,
-                &item.msg.routing_key,
+                item.msg.exchange(),
+                item.msg.routing_key(),
             );
             encode_message(ctx, self.id, &item.msg);
         }
@@ -1134,10 +1110,10 @@ fn encode_message(ctx: &mut ConnCtx<'_>, channel: u16, msg: &Message) {
     encode_content(
         ctx.out,
         channel,
-        msg.header.class_id,
+        60,
         msg.body_size(),
-        &msg.header.raw_properties,
-        &msg.body,
+        msg.raw_properties(),
+        msg.body(),
         ctx.frame_max,
     );
 }

@@ -390,7 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let tick = heartbeat / 2;
         let mut next_tick = Instant::now() + tick;
         self.last_recv = Instant::now();
-        let memory = self.broker.resources.clone();
+        let memory = self.broker.resources;
         loop {
             // The memory alarm holds back publishing connections by not reading from them.
             let paused = self.publisher && memory.is_alarmed();

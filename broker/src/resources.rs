@@ -3,7 +3,6 @@
 //! connections stop reading (TCP backpressure) and capable clients get connection.blocked.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use tokio::sync::Notify;
 
@@ -22,25 +21,29 @@ pub struct ResourceMonitor {
 
 impl ResourceMonitor {
     /// `high` in bytes (0 disables the alarm); paging starts at `high * paging_ratio`.
-    pub fn new(high: u64) -> Arc<ResourceMonitor> {
+    pub fn new(high: u64) -> &'static ResourceMonitor {
         Self::with_paging(high, 0.5)
     }
 
-    pub fn with_paging(high: u64, paging_ratio: f64) -> Arc<ResourceMonitor> {
-        Arc::new(ResourceMonitor {
+    /// A broker has one monitor for as long as the process runs, and every message holds a
+    /// reference to it: a `'static` one costs nothing, where cloning and dropping an `Arc`
+    /// per message bounced its count between the publisher's and the consumer's cores.
+    /// (Leaked on purpose: one small allocation per broker started.)
+    pub fn with_paging(high: u64, paging_ratio: f64) -> &'static ResourceMonitor {
+        Box::leak(Box::new(ResourceMonitor {
             used: AtomicU64::new(0),
             high,
             paging: (high as f64 * paging_ratio) as u64,
             disk_alarm: AtomicBool::new(false),
             unblocked: Notify::new(),
-        })
+        }))
     }
 
     /// Records `bytes` held until the returned charge is dropped.
-    pub fn charge(self: &Arc<Self>, bytes: u64) -> MemoryCharge {
+    pub fn charge(&'static self, bytes: u64) -> MemoryCharge {
         self.used.fetch_add(bytes, Ordering::Relaxed);
         MemoryCharge {
-            monitor: self.clone(),
+            monitor: self,
             bytes,
         }
     }
@@ -105,13 +108,13 @@ impl ResourceMonitor {
 /// Memory held by one message; released when the message is dropped everywhere.
 #[derive(Debug)]
 pub struct MemoryCharge {
-    monitor: Arc<ResourceMonitor>,
+    monitor: &'static ResourceMonitor,
     bytes: u64,
 }
 
 impl MemoryCharge {
-    pub fn monitor(&self) -> &Arc<ResourceMonitor> {
-        &self.monitor
+    pub fn monitor(&self) -> &'static ResourceMonitor {
+        self.monitor
     }
 }
 
@@ -169,10 +172,7 @@ mod tests {
     async fn waiters_wake_when_the_alarm_clears() {
         let m = ResourceMonitor::new(10);
         let c = m.charge(10);
-        let waiter = {
-            let m = m.clone();
-            tokio::spawn(async move { m.wait_clear().await })
-        };
+        let waiter = tokio::spawn(async move { m.wait_clear().await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         drop(c);

@@ -42,7 +42,7 @@ pub struct VHost {
     /// Bumped whenever `topology` or `queues` is locked for writing: a channel may reuse the
     /// queues it last routed to while this is unchanged (see [`Self::topology_version`]).
     topology_version: AtomicU64,
-    memory: Arc<ResourceMonitor>,
+    memory: &'static ResourceMonitor,
     /// Where durable definitions and messages go; None for a broker without a data dir.
     persistence: Option<Arc<Persistence>>,
 }
@@ -50,7 +50,7 @@ pub struct VHost {
 impl VHost {
     pub fn new(
         name: &str,
-        memory: Arc<ResourceMonitor>,
+        memory: &'static ResourceMonitor,
         persistence: Option<Arc<Persistence>>,
     ) -> VHost {
         VHost {
@@ -124,7 +124,7 @@ impl VHost {
             name.clone(),
             self.name.clone(),
             props,
-            self.memory.clone(),
+            self.memory,
             self.persistence.clone(),
             Some(recovered.store),
         );
@@ -405,7 +405,7 @@ impl VHost {
             d.name.clone(),
             self.name.clone(),
             props,
-            self.memory.clone(),
+            self.memory,
             self.persistence.clone(),
             store,
         );

@@ -20,7 +20,7 @@ use warren_storage::{Body, MsgLocation, QueueStore, RecoveredMessage, StoredMess
 
 use super::consumers::{ChannelKey, ConsumeError, ConsumerKey, ConsumerSpec};
 use super::core::{ClosedOutcome, MsgSeq, QueueCore, Rejected};
-use crate::message::Message;
+use crate::message::{Body as MessageBody, Message, MessageParts};
 use crate::persist::Persistence;
 use crate::resources::ResourceMonitor;
 
@@ -360,7 +360,7 @@ impl QueueState {
     fn load(
         &mut self,
         msg: &QMsg,
-        memory: &Arc<ResourceMonitor>,
+        memory: &'static ResourceMonitor,
         queue: &str,
     ) -> Option<Arc<Message>> {
         match msg {
@@ -378,25 +378,23 @@ impl QueueState {
                         let body_size = stored.body.len() as u64;
                         let header = ContentHeader::from_raw(60, body_size, stored.properties)
                             .map_err(|e| e.reply_text())?;
-                        let charge = memory.charge(Message::footprint(
-                            &stored.exchange,
-                            &stored.routing_key,
-                            &header,
-                            &stored.body,
-                        ));
+                        let parts = MessageParts {
+                            exchange: &stored.exchange,
+                            routing_key: &stored.routing_key,
+                            header: &header,
+                            body: MessageBody::Keep(stored.body),
+                        };
+                        let charge = memory.charge(Message::footprint(&parts));
                         let ttl = header
                             .expiration
                             .as_ref()
                             .and_then(|raw| crate::message::parse_expiration(raw).ok());
-                        Ok(Arc::new(Message {
-                            exchange: stored.exchange,
-                            routing_key: stored.routing_key,
-                            header,
-                            body: stored.body,
+                        Ok(Arc::new(Message::new(
+                            parts,
                             charge,
-                            published: crate::message::instant_of_ms(stored.timestamp_ms),
+                            crate::message::instant_of_ms(stored.timestamp_ms),
                             ttl,
-                        }))
+                        )))
                     });
                 match read {
                     Ok(m) => Some(m),
@@ -464,10 +462,10 @@ impl QueueState {
         let stored = StoredMessage {
             flags: 0,
             timestamp_ms: crate::message::now_ms(),
-            exchange: &msg.exchange,
-            routing_key: &msg.routing_key,
-            properties: &msg.header.raw_properties,
-            body: Body::Contiguous(&msg.body),
+            exchange: msg.exchange(),
+            routing_key: msg.routing_key(),
+            properties: msg.raw_properties(),
+            body: Body::Contiguous(msg.body()),
         };
         match spill.append(&stored) {
             Ok(loc) => QMsg::Spilled(loc),
@@ -485,7 +483,7 @@ pub struct Queue {
     pub name: Arc<str>,
     pub vhost: Arc<str>,
     pub props: QueueProps,
-    memory: Arc<ResourceMonitor>,
+    memory: &'static ResourceMonitor,
     /// For the spill file; None when the broker has no data directory.
     persistence: Option<Arc<Persistence>>,
     state: Mutex<QueueState>,
@@ -496,7 +494,7 @@ impl Queue {
         name: Arc<str>,
         vhost: Arc<str>,
         props: QueueProps,
-        memory: Arc<ResourceMonitor>,
+        memory: &'static ResourceMonitor,
         persistence: Option<Arc<Persistence>>,
         store: Option<QueueStore>,
     ) -> Arc<Queue> {
@@ -569,10 +567,10 @@ impl Queue {
                 let stored = StoredMessage {
                     flags: 0,
                     timestamp_ms: crate::message::now_ms(),
-                    exchange: &msg.exchange,
-                    routing_key: &msg.routing_key,
-                    properties: &msg.header.raw_properties,
-                    body: Body::Contiguous(&msg.body),
+                    exchange: msg.exchange(),
+                    routing_key: msg.routing_key(),
+                    properties: msg.raw_properties(),
+                    body: Body::Contiguous(msg.body()),
                 };
                 match store.append(&stored) {
                     Ok(loc) => {
@@ -633,7 +631,7 @@ impl Queue {
                 // Reading a paged-out head back costs a disk read: only worth it when the
                 // queue itself has a TTL; a per-message TTL alone is applied at delivery.
                 _ if ttl.is_none() => break,
-                _ => match st.load(&front, &self.memory, &self.name) {
+                _ => match st.load(&front, self.memory, &self.name) {
                     Some(m) => m.is_expired(ttl, now),
                     None => {
                         st.core.drop_head();
@@ -702,7 +700,7 @@ impl Queue {
         let mut st = self.lock();
         loop {
             let got = st.core.get(channel, no_ack)?;
-            let Some(msg) = st.load(&got.msg, &self.memory, &self.name) else {
+            let Some(msg) = st.load(&got.msg, self.memory, &self.name) else {
                 // Unreadable: already dropped from the store; forget it here too.
                 if !no_ack {
                     st.core.ack(got.seq);
@@ -855,7 +853,7 @@ impl Queue {
             let Some((sink, delivery)) = batch.as_mut() else {
                 break;
             };
-            let Some(msg) = st.load(&d.msg, &self.memory, &self.name) else {
+            let Some(msg) = st.load(&d.msg, self.memory, &self.name) else {
                 // Unreadable and dropped from the store: give the credit back and go on.
                 if !d.no_ack {
                     st.core.ack(d.seq);
