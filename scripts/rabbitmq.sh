@@ -41,7 +41,7 @@ install_rabbitmq() {
   if [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
     return 0
   fi
-  if ! apt-cache policy rabbitmq-server 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  if ! apt-cache policy rabbitmq-server 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
     log "apt-get update (rabbitmq-server not in the package lists yet)"
     as_root apt-get update -qq >&2
   fi

@@ -30,7 +30,9 @@ wait_port() {
 }
 
 APT_UPDATED=0
-apt_candidate() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'; }
+# Without -q: grep must read all of apt-cache's output, or apt-cache may die of SIGPIPE and,
+# under pipefail, a package with a candidate looks like one without.
+apt_candidate() { apt-cache policy "$1" 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; }
 
 # Installs a Debian package without letting its maintainer scripts start a system service.
 apt_install_quiet() {
