@@ -123,6 +123,7 @@ pub async fn serve<S>(
             exclusive_queues: Vec::new(),
             store_writes: PendingStoreWrites::default(),
             dispatch: PendingDispatch::default(),
+            consumers_behind: false,
             publisher: false,
             blocked_sent: false,
         };
@@ -173,6 +174,8 @@ struct Connection<S> {
     store_writes: PendingStoreWrites,
     /// Queues this connection published to since its last dispatch run.
     dispatch: PendingDispatch,
+    /// The last dispatch run left messages waiting for existing consumers.
+    consumers_behind: bool,
     /// Set by the first basic.publish: only publishers are held back by the memory alarm.
     publisher: bool,
     /// connection.blocked was sent and connection.unblocked is owed.
@@ -420,6 +423,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             if let Some(end) = self.process_input().await {
                                 return end;
                             }
+                            if std::mem::take(&mut self.consumers_behind) {
+                                // Let the consumers' connections catch up before reading more:
+                                // a backlog costs memory and, once out of the CPU caches, time.
+                                tokio::task::yield_now().await;
+                            }
                         }
                         Err(e) => return End::Io(e),
                     }
@@ -470,7 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     let frame = match self.splitter.decode(&mut self.rbuf) {
                         Ok(Some(frame)) => frame,
                         Ok(None) => {
-                            self.dispatch.run();
+                            self.consumers_behind = self.dispatch.run();
                             self.flush_confirms();
                             return None;
                         }

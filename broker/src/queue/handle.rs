@@ -190,11 +190,14 @@ impl PendingDispatch {
         }
     }
 
-    /// Offers the noted queues' new messages to their consumers.
-    pub fn run(&mut self) {
+    /// Offers the noted queues' new messages to their consumers. True when one of the queues
+    /// still has messages waiting although it has consumers: they are falling behind.
+    pub fn run(&mut self) -> bool {
+        let mut behind = false;
         for queue in self.0.drain(..) {
-            queue.dispatch();
+            behind |= queue.dispatch_behind();
         }
+        behind
     }
 }
 
@@ -798,6 +801,13 @@ impl Queue {
     pub fn dispatch(self: &Arc<Self>) {
         let mut st = self.lock();
         self.dispatch_locked(&mut st);
+    }
+
+    /// [`Queue::dispatch`], then whether messages are left waiting for consumers that exist.
+    pub fn dispatch_behind(self: &Arc<Self>) -> bool {
+        let mut st = self.lock();
+        self.dispatch_locked(&mut st);
+        st.core.has_consumers() && st.core.message_count() > 0
     }
 
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
