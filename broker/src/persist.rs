@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 use warren_storage::{
-    Backend, DefChange, DefinitionSet, Definitions, FsBackend, QueueStore, Recovered, StorageError,
-    StoreConfig, SyncService,
+    Backend, DefChange, DefinitionSet, Definitions, FsBackend, QueueStore, RecoveredMessage,
+    StorageError, StoreConfig, SyncService,
 };
 
 /// Durable state shared by the whole broker.
@@ -87,26 +87,41 @@ impl Persistence {
         )
     }
 
-    /// The store of a durable queue found in the definitions, with its unacked messages.
-    pub fn recover_store(&self, vhost: &str, name: &str) -> Result<Recovered, StorageError> {
+    /// The store of a durable queue found in the definitions; its unacked messages go to
+    /// `on_message` in publish order.
+    pub fn recover_store(
+        &self,
+        vhost: &str,
+        name: &str,
+        on_message: &mut dyn FnMut(RecoveredMessage),
+    ) -> Result<QueueStore, StorageError> {
         let dir = self.queue_dir(vhost, name);
-        let recovered = QueueStore::recover(self.backend.clone(), &dir, StoreConfig::default())?;
-        if recovered.report.truncated_bytes > 0 {
+        let mut messages = 0u64;
+        let (store, report) = QueueStore::recover_each(
+            self.backend.clone(),
+            &dir,
+            StoreConfig::default(),
+            &mut |m| {
+                messages += 1;
+                on_message(m);
+            },
+        )?;
+        if report.truncated_bytes > 0 {
             warn!(
                 queue = name,
                 vhost,
-                bytes = recovered.report.truncated_bytes,
+                bytes = report.truncated_bytes,
                 "cut a torn or corrupt tail from the queue's segments"
             );
         }
         info!(
             queue = name,
             vhost,
-            messages = recovered.messages.len(),
-            segments = recovered.report.segments,
+            messages,
+            segments = report.segments,
             "recovered durable queue"
         );
-        Ok(recovered)
+        Ok(store)
     }
 
     /// A spill file for transient messages a queue cannot keep in memory. Never synced, and

@@ -16,7 +16,7 @@ use warren_storage::{BindingDef, DefChange, ExchangeDef, QueueDef};
 use crate::error::{resource, AmqpError};
 use crate::exchange::{DeclareOutcome, Destination, Removed, RouteSet, Topology};
 use crate::persist::Persistence;
-use crate::queue::handle::{ConnEvent, Queue, QueueProps};
+use crate::queue::handle::{ConnEvent, Queue, QueueProps, RecoveredIndex};
 use crate::resources::ResourceMonitor;
 
 /// queue.declare arguments as the vhost needs them.
@@ -105,8 +105,11 @@ impl VHost {
         let Some(persistence) = &self.persistence else {
             return;
         };
-        let recovered = match persistence.recover_store(&self.name, &def.name) {
-            Ok(r) => r,
+        // Recovered messages go straight into the queue's index: no list of them in between.
+        let mut index = RecoveredIndex::default();
+        let recovered = persistence.recover_store(&self.name, &def.name, &mut |m| index.push(m));
+        let store = match recovered {
+            Ok(store) => store,
             Err(e) => {
                 error!(queue = %def.name, error = %e, "cannot recover a durable queue's messages");
                 return;
@@ -126,9 +129,9 @@ impl VHost {
             props,
             self.memory,
             self.persistence.clone(),
-            Some(recovered.store),
+            Some(store),
         );
-        queue.restore(&recovered.messages);
+        queue.restore(index);
         self.queues_write().insert(name, queue);
     }
 

@@ -225,6 +225,24 @@ impl QueueStore {
         dir: &Path,
         config: StoreConfig,
     ) -> Result<Recovered> {
+        let mut messages = Vec::new();
+        let (store, report) = Self::recover_each(backend, dir, config, &mut |m| messages.push(m))?;
+        Ok(Recovered {
+            store,
+            messages,
+            report,
+        })
+    }
+
+    /// [`QueueStore::recover`] handing each message not acked to `on_message`, in publish
+    /// order, instead of collecting them: a queue of millions can fill its own index without
+    /// a second list of them that the allocator then keeps.
+    pub fn recover_each(
+        backend: Arc<dyn Backend>,
+        dir: &Path,
+        config: StoreConfig,
+        on_message: &mut dyn FnMut(RecoveredMessage),
+    ) -> Result<(QueueStore, RecoveryReport)> {
         backend.create_dir_all(dir).map_err(io_err(dir))?;
         let dir_handle = backend.open_dir(dir).map_err(io_err(dir))?;
         let mut seg_ids = Vec::new();
@@ -265,40 +283,36 @@ impl QueueStore {
                 store.remove(&ack_name(id))?;
             }
         }
-        let mut messages = Vec::new();
+        let mut found = 0u64;
         let mut report = RecoveryReport::default();
         let started = Instant::now();
         let mut last_progress = started;
         let total = seg_ids.len();
         for (i, id) in seg_ids.into_iter().enumerate() {
-            store.recover_segment(id, &mut messages, &mut report)?;
+            found += store.recover_segment(id, on_message, &mut report)?;
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 tracing::info!(
                     dir = %store.dir.display(),
                     segments_done = i + 1,
                     segments_total = total,
-                    messages = messages.len(),
+                    messages = found,
                     "recovering queue store"
                 );
             }
         }
-        store.live = messages.len() as u64;
+        store.live = found;
         if started.elapsed() >= PROGRESS_EVERY || report.truncated_bytes > 0 {
             tracing::info!(
                 dir = %store.dir.display(),
                 segments = report.segments,
-                messages = messages.len(),
+                messages = found,
                 truncated_bytes = report.truncated_bytes,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "queue store recovered"
             );
         }
-        Ok(Recovered {
-            store,
-            messages,
-            report,
-        })
+        Ok((store, report))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -315,12 +329,13 @@ impl QueueStore {
         }
     }
 
+    /// Recovers one segment, handing its messages not acked to `on_message`; returns how many.
     fn recover_segment(
         &mut self,
         id: u32,
-        messages: &mut Vec<RecoveredMessage>,
+        on_message: &mut dyn FnMut(RecoveredMessage),
         report: &mut RecoveryReport,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         report.segments += 1;
         let path = self.path(&seg_name(id));
         let file = self.backend.open_file(&path).map_err(io_err(&path))?;
@@ -333,7 +348,7 @@ impl QueueStore {
             report.deleted_segments += 1;
             report.truncated_bytes += file_len;
             self.remove(&seg_name(id))?;
-            return self.remove(&ack_name(id));
+            return self.remove(&ack_name(id)).map(|()| 0);
         }
         let (acks, entries) = self.recover_acks(id)?;
         let mut scanner = RecordScanner::new(
@@ -345,6 +360,7 @@ impl QueueStore {
         );
         let mut records = 0u32;
         let mut acked = 0u32;
+        let mut emitted = 0u64;
         let mut acked_bits = AckBits::default();
         let (mut ai, mut di) = (0usize, 0usize);
         let mut head = [0u8; MESSAGE_HEAD_LEN];
@@ -367,7 +383,8 @@ impl QueueStore {
                         acked_bits.set((offset - FILE_HEADER_LEN) / MIN_MESSAGE_RECORD);
                     } else {
                         let [flags, t @ ..] = head;
-                        messages.push(RecoveredMessage {
+                        emitted += 1;
+                        on_message(RecoveredMessage {
                             loc: MsgLocation {
                                 segment: id,
                                 offset: off32,
@@ -401,7 +418,7 @@ impl QueueStore {
         if acked == records {
             report.deleted_segments += 1;
             self.remove(&seg_name(id))?;
-            return self.remove(&ack_name(id));
+            return self.remove(&ack_name(id)).map(|()| emitted);
         }
         self.segments.insert(
             id,
@@ -415,7 +432,7 @@ impl QueueStore {
                 dirty: false,
             },
         );
-        Ok(())
+        Ok(emitted)
     }
 
     /// Reads the ack file of segment `id`, cutting a torn tail so that new entries follow

@@ -108,6 +108,32 @@ fn fully_acked_segments_are_deleted_and_disk_follows_backlog() {
 }
 
 #[test]
+fn recover_each_hands_over_what_recover_collects() {
+    let disk = SimBackend::new();
+    let mut s = QueueStore::create(disk.shared(), "/q".as_ref(), small()).unwrap();
+    let locs: Vec<MsgLocation> = (0..300).map(|i| append_id(&mut s, i, 1).unwrap()).collect();
+    for loc in locs.iter().step_by(3) {
+        s.ack(*loc).unwrap();
+    }
+    s.mark_delivered(locs[1]).unwrap();
+    s.sync_now().unwrap();
+    drop(s);
+    let collected = QueueStore::recover(disk.shared(), "/q".as_ref(), small()).unwrap();
+    drop(collected.store);
+    let mut streamed = Vec::new();
+    let (store, report) =
+        QueueStore::recover_each(disk.shared(), "/q".as_ref(), small(), &mut |m| {
+            streamed.push(m)
+        })
+        .unwrap();
+    assert_eq!(streamed, collected.messages);
+    assert_eq!(streamed.len(), 200);
+    assert!(streamed[0].delivered && !streamed[1].delivered);
+    assert_eq!(report.records, collected.report.records);
+    assert_eq!(store.stats().live_messages, 200);
+}
+
+#[test]
 fn double_ack_and_unknown_locations_are_refused() {
     let disk = SimBackend::new();
     let mut s = QueueStore::create(disk.shared(), "/q".as_ref(), small()).unwrap();

@@ -201,6 +201,22 @@ impl PendingDispatch {
     }
 }
 
+/// A durable queue's ready messages as recovery finds them in its store, in publish order.
+#[derive(Debug)]
+pub struct RecoveredIndex(QueueCore<QMsg>);
+
+impl Default for RecoveredIndex {
+    fn default() -> Self {
+        RecoveredIndex(QueueCore::with_sizer(QMsg::size))
+    }
+}
+
+impl RecoveredIndex {
+    pub fn push(&mut self, m: RecoveredMessage) {
+        self.0.enqueue(QMsg::Stored(m.loc), m.delivered);
+    }
+}
+
 /// Hands a batch to the consumer's connection. An empty batch (every message in it was
 /// unreadable or expired, and gave its credit back) is dropped.
 fn send_delivery(sink: &ConsumerSink, delivery: Delivery) {
@@ -519,12 +535,9 @@ impl Queue {
         })
     }
 
-    /// Puts back the messages recovery found in the store, in publish order.
-    pub fn restore(&self, messages: &[RecoveredMessage]) {
-        let mut st = self.lock();
-        for m in messages {
-            st.core.enqueue(QMsg::Stored(m.loc), m.delivered);
-        }
+    /// Takes the index recovery built from the store (before any client saw the queue).
+    pub fn restore(&self, index: RecoveredIndex) {
+        self.lock().core = index.0;
     }
 
     /// The lock is never held across `.await` and never taken while holding another queue's.
