@@ -42,6 +42,13 @@ async fn connect_open_100_channels_close_cleanly() {
     conn.close(200, "bye".into())
         .await
         .expect("connection.close should complete with close-ok");
+    // lapin 4 resolves close() on close-ok and moves its status to Closed through its
+    // internal RPC task a moment later (on_connection_close_ok_received ->
+    // set_connection_closed): seen as Closing in one CI run. Give it that moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !conn.status().closed() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert!(
         conn.status().closed(),
         "lapin connection status after close: {:?}",

@@ -454,13 +454,26 @@ proptest! {
     }
 }
 
-/// What the frame-by-frame path makes of `wire`: the commands and the first error, if any.
-fn assemble_frame_by_frame(wire: &[u8], frame_max: u32) -> (Vec<Command>, Option<ProtocolError>) {
+/// What the connection's loop makes of `wire`: the commands and the first error, if any.
+/// With `fast`, `take_publish` is tried before each frame, as the connection does; without,
+/// every frame goes through the splitter and `push`.
+fn assemble(wire: &[u8], frame_max: u32, fast: bool) -> (Vec<Command>, Option<ProtocolError>) {
     let mut buf = BytesMut::from(wire);
     let mut splitter = FrameSplitter::new(frame_max);
     let mut assembler = CommandAssembler::new();
     let mut commands = Vec::new();
     loop {
+        if fast {
+            let before = buf.len();
+            match assembler.take_publish(&mut buf, frame_max) {
+                Ok(Some(command)) => {
+                    commands.push(command);
+                    continue;
+                }
+                Ok(None) => assert_eq!(buf.len(), before, "declining leaves the buffer alone"),
+                Err(e) => return (commands, Some(e)),
+            }
+        }
         match splitter.decode(&mut buf) {
             Ok(Some(frame)) => match assembler.push(frame) {
                 Ok(Some(command)) => commands.push(command),
@@ -473,32 +486,12 @@ fn assemble_frame_by_frame(wire: &[u8], frame_max: u32) -> (Vec<Command>, Option
     }
 }
 
-/// The connection's loop: `take_publish` first, the frame-by-frame path when it declines.
+fn assemble_frame_by_frame(wire: &[u8], frame_max: u32) -> (Vec<Command>, Option<ProtocolError>) {
+    assemble(wire, frame_max, false)
+}
+
 fn assemble_with_fast_path(wire: &[u8], frame_max: u32) -> (Vec<Command>, Option<ProtocolError>) {
-    let mut buf = BytesMut::from(wire);
-    let mut splitter = FrameSplitter::new(frame_max);
-    let mut assembler = CommandAssembler::new();
-    let mut commands = Vec::new();
-    loop {
-        let before = buf.len();
-        match assembler.take_publish(&mut buf, frame_max) {
-            Ok(Some(command)) => {
-                commands.push(command);
-                continue;
-            }
-            Ok(None) => assert_eq!(buf.len(), before, "declining leaves the buffer alone"),
-            Err(e) => return (commands, Some(e)),
-        }
-        match splitter.decode(&mut buf) {
-            Ok(Some(frame)) => match assembler.push(frame) {
-                Ok(Some(command)) => commands.push(command),
-                Ok(None) => {}
-                Err(e) => return (commands, Some(e)),
-            },
-            Ok(None) => return (commands, None),
-            Err(e) => return (commands, Some(e)),
-        }
-    }
+    assemble(wire, frame_max, true)
 }
 
 fn publish_wire(
