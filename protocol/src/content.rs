@@ -192,48 +192,6 @@ impl ContentHeader {
         Self::assemble(class_id, body_size, raw, walked).ok_or(syntax(WireError::Truncated))
     }
 
-    /// The same header in its own allocation. Headers decoded from a frame share the read
-    /// buffer; a message that stays queued must not pin that whole buffer.
-    pub fn detached(&self) -> ContentHeader {
-        let raw = Bytes::copy_from_slice(&self.raw_properties);
-        walk_properties(&raw, usize::MAX)
-            .ok()
-            .and_then(|w| Self::assemble(self.class_id, self.body_size, raw, w))
-            // The bytes were walked once already, so this cannot fail; stay correct anyway.
-            .unwrap_or_else(|| self.clone())
-    }
-
-    /// The same header over `raw`, which must hold the same bytes as `raw_properties` (the
-    /// caller copied them, e.g. into one allocation with the rest of the message): the
-    /// property slices are re-pointed into `raw` without walking the properties again.
-    /// Different bytes fall back to a full walk of `raw`.
-    pub fn rebased(&self, raw: Bytes) -> ContentHeader {
-        if raw[..] != self.raw_properties[..] {
-            return Self::from_raw(self.class_id, self.body_size, raw)
-                .unwrap_or_else(|_| self.clone());
-        }
-        let base = self.raw_properties.as_ptr() as usize;
-        let reslice = |part: &Option<Bytes>| {
-            part.as_ref().map(|p| {
-                let start = (p.as_ptr() as usize).wrapping_sub(base);
-                raw.get(start..start + p.len()).map_or_else(
-                    || Bytes::copy_from_slice(p),
-                    |_| raw.slice(start..start + p.len()),
-                )
-            })
-        };
-        ContentHeader {
-            class_id: self.class_id,
-            body_size: self.body_size,
-            expiration: reslice(&self.expiration),
-            user_id: reslice(&self.user_id),
-            delivery_mode: self.delivery_mode,
-            priority: self.priority,
-            headers_range: self.headers_range,
-            raw_properties: raw,
-        }
-    }
-
     /// Full decode of the properties, only when needed.
     pub fn properties(&self) -> Result<BasicProperties, ProtocolError> {
         match parse_properties(&self.raw_properties[..]) {
@@ -284,46 +242,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn detached_copy_is_equal_and_independent() {
+    fn from_raw_reads_back_from_properties() {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_expiration("60000".into())
             .with_user_id("guest".into());
         let header = ContentHeader::from_properties(60, 5, &props);
-        let copy = header.detached();
-        assert_eq!(copy, header);
-        assert_ne!(copy.raw_properties.as_ptr(), header.raw_properties.as_ptr());
-        assert_eq!(copy.expiration.as_deref(), Some(&b"60000"[..]));
+        assert_eq!(header.expiration.as_deref(), Some(&b"60000"[..]));
         let again = ContentHeader::from_raw(60, 5, header.raw_properties.clone()).unwrap();
         assert_eq!(again, header);
         assert!(ContentHeader::from_raw(60, 5, Bytes::from_static(&[0x80])).is_err());
     }
 
-    #[test]
-    fn rebased_points_into_the_new_bytes() {
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_expiration("60000".into())
-            .with_user_id("guest".into());
-        let header = ContentHeader::from_properties(60, 5, &props);
-        let mut all = b"exchange".to_vec();
-        all.extend_from_slice(&header.raw_properties);
-        all.extend_from_slice(b"body");
-        let all = Bytes::from(all);
-        let raw = all.slice(8..8 + header.raw_properties.len());
-        let moved = header.rebased(raw.clone());
-        assert_eq!(moved, header);
-        let inside = |b: &Bytes| {
-            let p = b.as_ptr() as usize;
-            p >= raw.as_ptr() as usize && p + b.len() <= raw.as_ptr() as usize + raw.len()
-        };
-        assert!(inside(moved.expiration.as_ref().unwrap()));
-        assert!(inside(moved.user_id.as_ref().unwrap()));
-        assert_eq!(moved.expiration.as_deref(), Some(&b"60000"[..]));
-        // Other bytes are walked afresh rather than trusted.
-        let other = ContentHeader::from_properties(60, 5, &BasicProperties::default());
-        assert_eq!(header.rebased(other.raw_properties.clone()), other);
-    }
     use amq_protocol::types::AMQPValue;
 
     fn header_payload(class_id: u16, body_size: u64, raw: &[u8]) -> Bytes {
