@@ -69,7 +69,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
 };
 use tokio::sync::mpsc;
-use warren_tests::{skip_unless_warren, Broker};
+use warren_tests::{consume_into_channel, skip_unless_warren, Broker};
 
 const QUEUE: &str = "crash-durable";
 /// Unconfirmed publishes in flight at most.
@@ -605,24 +605,9 @@ async fn run_trial(plan: Plan, data_dir: PathBuf) -> Report {
     let t0 = Instant::now();
     let publisher = tokio::spawn(publisher(pub_ch.clone(), obs.clone()));
     tokio::time::sleep(plan.consumer_delay).await;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let c = con_ch
-        .basic_consume(
-            QUEUE.into(),
-            "crash-consumer".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    let rx = consume_into_channel(&con_ch, QUEUE, "crash-consumer")
         .await
         .unwrap();
-    c.set_delegate(move |d: DeliveryResult| {
-        let tx = tx.clone();
-        async move {
-            if let Ok(Some(d)) = d {
-                let _ = tx.send(d);
-            }
-        }
-    });
     let consumer = tokio::spawn(consumer(
         con_ch.clone(),
         rx,
@@ -651,7 +636,6 @@ async fn run_trial(plan: Plan, data_dir: PathBuf) -> Report {
             lock(&obs).delivered.insert(id);
         }
     }
-    drop(c);
     drop((pub_conn, con_conn));
 
     // ---- restart ----

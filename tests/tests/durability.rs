@@ -29,7 +29,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lapin::message::{BasicGetMessage, DeliveryResult};
+use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
@@ -41,7 +41,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
     ExchangeKind,
 };
-use warren_tests::{skip_unless_warren, Broker};
+use warren_tests::{consume_into_channel, skip_unless_warren, Broker};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -316,34 +316,17 @@ async fn publish_routed(
     );
 }
 
-/// Every message of a queue through basic.get, acked (consumed).
 /// Starts a consumer (manual ack) tagged `tag` and returns its first delivery; the consumer
 /// stays until cancelled by that tag.
 async fn consume_first(ch: &Channel, queue: &str, tag: &str) -> lapin::message::Delivery {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let c = ch
-        .basic_consume(
-            ss(queue),
-            ss(tag),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    c.set_delegate(move |d: DeliveryResult| {
-        let tx = tx.clone();
-        async move {
-            if let Ok(Some(d)) = d {
-                let _ = tx.send(d);
-            }
-        }
-    });
+    let mut rx = consume_into_channel(ch, queue, tag).await.unwrap();
     tokio::time::timeout(WAIT, rx.recv())
         .await
         .unwrap()
         .unwrap()
 }
 
+/// Every message of a queue through basic.get, acked (consumed).
 async fn get_all(ch: &Channel, queue: &str) -> Vec<BasicGetMessage> {
     let mut out = Vec::new();
     loop {
