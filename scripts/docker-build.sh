@@ -11,8 +11,7 @@
 #                                                    with --no-examples
 #
 # Steps, all idempotent:
-#   1. one release build: RUSTFLAGS='--cfg tokio_unstable -C target-feature=+crt-static' cargo build --release
-#      (the cfg repeats .cargo/config.toml's, which a RUSTFLAGS variable replaces)
+#   1. one release build: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
 #      --target x86_64-unknown-linux-gnu --bin warren (and --bin warren-perf when the workspace
 #      has it); it reuses target/ (the target triple gives it its own subdirectory) and waits
 #      on cargo's lock when someone else is building.
@@ -77,7 +76,7 @@ fi
 bin_args=()
 for b in "${BINS[@]}"; do bin_args+=(--bin "$b"); done
 say "cargo build --release --target $TRIPLE ${bin_args[*]} (static)"
-RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }--cfg tokio_unstable -C target-feature=+crt-static" \
+RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
   cargo build --release --target "$TRIPLE" "${bin_args[@]}"
 
 # ---- 2. stage the broker image's root filesystem ----------------------------------------------

@@ -391,7 +391,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // Checking every half interval both sends our heartbeats on time and notices two missed
         // client intervals within 2.5 intervals.
         let tick = heartbeat / 2;
-        let mut next_tick = Instant::now() + tick;
+        // One timer for the connection's life, reset on each tick: a fresh `sleep_until` per
+        // loop turn would register and cancel a timer-wheel entry on every wakeup.
+        let heartbeat_timer = sleep_until(Instant::now() + tick);
+        tokio::pin!(heartbeat_timer);
         self.last_recv = Instant::now();
         let memory = self.broker.resources;
         loop {
@@ -423,6 +426,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             if let Some(end) = self.process_input().await {
                                 return end;
                             }
+                            if n >= BUSY_READ {
+                                spread_woken_tasks();
+                            }
                             if std::mem::take(&mut self.consumers_behind) {
                                 // Let the consumers' connections catch up before reading more:
                                 // a backlog costs memory and, once out of the CPU caches, time.
@@ -447,9 +453,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                     }
                 }
-                _ = sleep_until(next_tick), if !heartbeat.is_zero() => {
+                _ = &mut heartbeat_timer, if !heartbeat.is_zero() => {
                     let now = Instant::now();
-                    next_tick = now + tick;
+                    heartbeat_timer.as_mut().reset(now + tick);
                     if paused {
                         // Unread heartbeats are not missed heartbeats (RabbitMQ pauses its
                         // monitor while a connection is blocked).
@@ -1011,6 +1017,23 @@ enum Flow {
 const WRITE_BATCH_BYTES: usize = 16 * 1024 * 1024;
 const MIN_READ_CHUNK: usize = 16 * 1024;
 const MAX_READ_CHUNK: usize = 128 * 1024;
+
+/// A read this big means the client sends faster than the connection turns around.
+const BUSY_READ: usize = 16 * 1024;
+
+/// Lets an idle worker take the tasks this one has just woken.
+///
+/// tokio runs the task woken last next on the waking worker, from a slot other workers cannot
+/// steal (its LIFO slot). That suits an idle broker: a publisher's dispatch wakes the
+/// consumer's connection and the same worker writes the delivery at once, without waking a
+/// second thread (on a small VM each extra wakeup adds tens of µs; at 1,000 msg/s this cut p99
+/// latency from about 250 to 160 µs). Under load the same rule would keep a publisher and its
+/// consumer on one core while the other idles (1 KiB messages: 700k instead of 1M msg/s).
+/// An empty task takes the slot, which moves the woken connection to the run queue and wakes
+/// an idle worker to steal it. Under another scheduler this is just a no-op task.
+fn spread_woken_tasks() {
+    drop(tokio::spawn(async {}));
+}
 
 /// The read size after a read of `got` bytes into `chunk` bytes of room.
 fn next_read_chunk(chunk: usize, got: usize) -> usize {

@@ -161,11 +161,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // A connection woken by another (a consumer's by a publisher's dispatch) must be free to
-    // run on an idle worker: in tokio's LIFO slot it would stay on the waker's worker, and one
-    // publisher with its consumer would use one core of two. (.cargo/config.toml sets the cfg.)
-    #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
+    // tokio's LIFO slot stays on: an idle broker hands a delivery to the consumer's connection
+    // on the same worker without waking another; busy connections spread their wakes
+    // (`connection::spread_woken_tasks`).
     let runtime = builder
         .enable_all()
         .build()
