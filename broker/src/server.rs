@@ -114,17 +114,25 @@ impl Server {
 }
 
 /// Persistent messages published without confirms still reach the disk within this period,
-/// and expired messages leave queue heads this often.
+/// expired messages leave queue heads this often, and a queue past its `x-expires` goes
+/// within this much of it.
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
 
-/// Group-commits stores that have unsynced writes nobody is waiting for, and drops expired
-/// messages from queue heads.
+/// Group-commits stores that have unsynced writes nobody is waiting for, drops expired
+/// messages from queue heads and deletes queues whose `x-expires` has run out.
 async fn housekeeping(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(HOUSEKEEPING);
     loop {
         tick.tick().await;
+        let now = std::time::Instant::now();
         for vhost in broker.vhosts() {
             for queue in vhost.queues() {
+                if queue.expired(now) {
+                    // As RabbitMQ: the queue goes with its messages (not dead-lettered).
+                    info!(vhost = %vhost.name, queue = %queue.name, "queue expired (x-expires)");
+                    vhost.delete_queue_if_same(&queue);
+                    continue;
+                }
                 queue.drop_expired();
                 if let (Some(persistence), Some(handle)) = (
                     broker.persistence.as_ref(),

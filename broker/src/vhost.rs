@@ -360,6 +360,7 @@ impl VHost {
             if !d.passive {
                 check_equivalent(&existing, &d, &res)?;
             }
+            existing.renew_lease();
             let (messages, consumers) = existing.counts();
             return Ok((existing, messages, consumers));
         }
@@ -386,6 +387,7 @@ impl VHost {
             drop(queues);
             check_declare_owner(&existing, &d)?;
             check_equivalent(&existing, &d, &res)?;
+            existing.renew_lease();
             let (messages, consumers) = existing.counts();
             return Ok((existing, messages, consumers));
         }

@@ -88,6 +88,7 @@ both_restarts!(
     acked_and_unacked_messages,
     purge,
     delete,
+    expired_queues,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1497,4 +1498,59 @@ async fn torn_definitions_tail_loses_only_the_last_definition() {
     let conn = connect(&broker).await;
     assert_eq!(queue_state(&conn, "defs-last").await, Some((1, 0)));
     assert_eq!(queue_state(&conn, "defs-first").await, Some((1, 0)));
+}
+
+/// A durable queue past its `x-expires` is deleted with its messages and its bindings, and
+/// stays deleted after a restart; one whose lease has not run out comes back with its
+/// messages, and its clock starts again at the restart.
+async fn expired_queues(how: Restart) {
+    let mut broker = start();
+    let conn = connect(&broker).await;
+    let ch = confirm_channel(&conn).await;
+    let short = table(&[("x-expires", AMQPValue::LongInt(300))]);
+    let long = table(&[("x-expires", AMQPValue::LongInt(600_000))]);
+    declare_exchange(
+        &ch,
+        "exp-x",
+        ExchangeKind::Fanout,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await;
+    declare_queue(&ch, "exp-short", durable_queue(), short).await;
+    declare_queue(&ch, "exp-long", durable_queue(), long).await;
+    bind(&ch, "exp-short", "exp-x", "", FieldTable::default()).await;
+    bind(&ch, "exp-long", "exp-x", "", FieldTable::default()).await;
+    for i in 0..3 {
+        publish_routed(&ch, "exp-x", "", format!("m{i}").as_bytes(), persistent()).await;
+    }
+    // Each look is a passive declare, which renews the lease: leave a quiet second before
+    // each one (300 ms of lease plus the broker's 200 ms housekeeping tick).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if queue_state(&conn, "exp-short").await.is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "exp-short (x-expires 300 ms, unused) still exists after {WAIT:?}"
+        );
+    }
+    assert_eq!(queue_state(&conn, "exp-short").await, None);
+    assert_eq!(message_count(&conn, "exp-long").await, 3);
+
+    restart(&mut broker, how);
+    let conn = connect(&broker).await;
+    assert_eq!(
+        queue_state(&conn, "exp-short").await,
+        None,
+        "an expired queue came back after {how:?}"
+    );
+    assert_eq!(message_count(&conn, "exp-long").await, 3);
+    // The fanout reaches only the queue that is left.
+    let ch = confirm_channel(&conn).await;
+    publish_routed(&ch, "exp-x", "", b"after", persistent()).await;
+    assert_eq!(message_count(&conn, "exp-long").await, 4);
+    assert_eq!(queue_state(&conn, "exp-short").await, None);
 }

@@ -263,6 +263,8 @@ pub enum Overflow {
 pub struct Limits {
     /// `x-message-ttl`: messages older than this are dropped when they reach the head.
     pub message_ttl: Option<std::time::Duration>,
+    /// `x-expires`: the queue is deleted once unused for this long (see [`Queue::expired`]).
+    pub expires: Option<std::time::Duration>,
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
@@ -287,6 +289,7 @@ impl Limits {
         };
         Limits {
             message_ttl: int("x-message-ttl").map(std::time::Duration::from_millis),
+            expires: int("x-expires").map(std::time::Duration::from_millis),
             max_length: int("x-max-length"),
             max_length_bytes: int("x-max-length-bytes"),
             overflow,
@@ -371,6 +374,10 @@ struct QueueState {
     /// Where transient messages go when memory runs short; created on first use.
     spill: Option<QueueStore>,
     deleted: bool,
+    /// Since when the queue has been unused in RabbitMQ's sense for `x-expires`: no
+    /// consumers, and no queue.declare or basic.get since. Only meaningful while it has no
+    /// consumers; set when the last one goes.
+    unused_since: std::time::Instant,
 }
 
 impl QueueState {
@@ -531,6 +538,7 @@ impl Queue {
                 written_since_sync: false,
                 spill: None,
                 deleted: false,
+                unused_since: std::time::Instant::now(),
             }),
         })
     }
@@ -709,11 +717,38 @@ impl Queue {
         let mut st = self.lock();
         let existed = st.core.cancel_consumer(key);
         st.sinks.remove(key);
+        if existed && !st.core.has_consumers() {
+            st.unused_since = std::time::Instant::now();
+        }
         existed && self.props.auto_delete && !st.core.has_consumers()
+    }
+
+    /// queue.declare of the existing queue (passive or not) renews its `x-expires` lease, as
+    /// in RabbitMQ.
+    pub fn renew_lease(&self) {
+        if self.props.limits.expires.is_some() {
+            self.lock().unused_since = std::time::Instant::now();
+        }
+    }
+
+    /// Whether `x-expires` has run out at `now`: the queue has had no consumers, and no
+    /// queue.declare or basic.get, for that long. The caller deletes it.
+    pub fn expired(&self, now: std::time::Instant) -> bool {
+        let Some(expires) = self.props.limits.expires else {
+            return false;
+        };
+        let st = self.lock();
+        !st.deleted
+            && !st.core.has_consumers()
+            && now.saturating_duration_since(st.unused_since) >= expires
     }
 
     pub fn get(&self, channel: ChannelKey, no_ack: bool) -> Option<Got> {
         let mut st = self.lock();
+        if self.props.limits.expires.is_some() {
+            // basic.get renews the lease, whether or not it finds a message.
+            st.unused_since = std::time::Instant::now();
+        }
         loop {
             let got = st.core.get(channel, no_ack)?;
             let Some(msg) = st.load(&got.msg, self.memory, &self.name) else {
@@ -804,6 +839,9 @@ impl Queue {
         let outcome = st.core.channel_closed(channel);
         for key in &outcome.cancelled {
             st.sinks.remove(key);
+        }
+        if !outcome.cancelled.is_empty() && !st.core.has_consumers() {
+            st.unused_since = std::time::Instant::now();
         }
         st.limiters.remove(&channel);
         self.dispatch_locked(&mut st);
@@ -1027,5 +1065,60 @@ mod tests {
         assert!(!limiter.try_acquire());
         assert!(limiter.written(1), "one delivery is enough to cross");
         assert!(!limiter.written(IN_FLIGHT_CAP - 1));
+    }
+
+    fn queue_with_arguments(args: &[(&str, amq_protocol::types::AMQPValue)]) -> Arc<Queue> {
+        let mut table = FieldTable::default();
+        for (k, v) in args {
+            table.insert((*k).into(), v.clone());
+        }
+        let props = QueueProps {
+            durable: false,
+            auto_delete: false,
+            exclusive_owner: None,
+            limits: Limits::from_arguments(&table),
+            arguments: table,
+        };
+        let memory = crate::resources::ResourceMonitor::new(0);
+        Queue::new("q".into(), "/".into(), props, memory, None, None)
+    }
+
+    #[test]
+    fn x_expires_runs_from_the_last_declare_or_get() {
+        use amq_protocol::types::AMQPValue;
+        use std::time::{Duration, Instant};
+        let lease = Duration::from_millis(500);
+        let q = queue_with_arguments(&[("x-expires", AMQPValue::LongInt(500))]);
+        assert_eq!(q.props.limits.expires, Some(lease));
+        let t0 = Instant::now();
+        assert!(!q.expired(t0));
+        assert!(q.expired(t0 + lease + Duration::from_millis(5)));
+        // A clock before the lease started (the caller's `now` taken earlier) is not expired.
+        if let Some(earlier) = t0.checked_sub(Duration::from_secs(1)) {
+            assert!(!q.expired(earlier));
+        }
+
+        std::thread::sleep(Duration::from_millis(2));
+        let before_get = Instant::now();
+        assert!(q.get(ChannelKey(1), true).is_none(), "empty queue");
+        assert!(!q.expired(before_get + lease - Duration::from_millis(1)));
+        assert!(q.expired(Instant::now() + lease));
+
+        let before_declare = Instant::now();
+        q.renew_lease();
+        assert!(!q.expired(before_declare + lease - Duration::from_millis(1)));
+
+        q.mark_deleted();
+        assert!(
+            !q.expired(Instant::now() + 10 * lease),
+            "a deleted queue expires no more"
+        );
+    }
+
+    #[test]
+    fn a_queue_without_x_expires_never_expires() {
+        let q = queue_with_arguments(&[]);
+        assert_eq!(q.props.limits.expires, None);
+        assert!(!q.expired(std::time::Instant::now() + std::time::Duration::from_secs(86_400)));
     }
 }
