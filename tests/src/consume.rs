@@ -1,20 +1,23 @@
 //! A lapin consumer whose deliveries arrive on a channel the test reads at its own pace.
 
-use lapin::message::{Delivery, DeliveryResult};
+use std::pin::Pin;
+
+use futures_core::Stream;
+use lapin::message::Delivery;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::Channel;
 use tokio::sync::mpsc;
 
 /// Starts a manual-ack consumer tagged `tag` on `queue`; its deliveries come out of the
-/// returned receiver in order. The consumer stays until cancelled by that tag.
+/// returned receiver in delivery order. The consumer stays until cancelled by that tag.
 pub async fn consume_into_channel(
     ch: &Channel,
     queue: &str,
     tag: &str,
 ) -> lapin::Result<mpsc::UnboundedReceiver<Delivery>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let consumer = ch
+    let mut consumer = ch
         .basic_consume(
             queue.into(),
             tag.into(),
@@ -22,11 +25,19 @@ pub async fn consume_into_channel(
             FieldTable::default(),
         )
         .await?;
-    consumer.set_delegate(move |d: DeliveryResult| {
-        let tx = tx.clone();
-        async move {
-            if let Ok(Some(d)) = d {
-                let _ = tx.send(d);
+    // Read as a stream by one task: lapin's delegate API spawns a task per delivery, and
+    // those may run out of order.
+    tokio::spawn(async move {
+        while let Some(next) =
+            std::future::poll_fn(|cx| Pin::new(&mut consumer).poll_next(cx)).await
+        {
+            match next {
+                Ok(d) => {
+                    if tx.send(d).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
             }
         }
     });

@@ -89,6 +89,7 @@ both_restarts!(
     purge,
     delete,
     expired_queues,
+    single_active_consumer,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1553,4 +1554,59 @@ async fn expired_queues(how: Restart) {
     publish_routed(&ch, "exp-x", "", b"after", persistent()).await;
     assert_eq!(message_count(&conn, "exp-long").await, 4);
     assert_eq!(queue_state(&conn, "exp-short").await, None);
+}
+
+/// A recovered durable queue is still a single-active-consumer queue: of two consumers, only
+/// the first registered gets the recovered messages, and the second takes over when it goes.
+async fn single_active_consumer(how: Restart) {
+    let mut broker = start();
+    let conn = connect(&broker).await;
+    let ch = confirm_channel(&conn).await;
+    let sac = table(&[("x-single-active-consumer", AMQPValue::Boolean(true))]);
+    declare_queue(&ch, "sac-q", durable_queue(), sac.clone()).await;
+    for i in 0..4 {
+        publish_routed(&ch, "", "sac-q", format!("m{i}").as_bytes(), persistent()).await;
+    }
+
+    restart(&mut broker, how);
+    let conn = connect(&broker).await;
+    assert_eq!(
+        redeclare_queue(&conn, "sac-q", durable_queue(), sac).await,
+        Ok(4)
+    );
+    let first_ch = conn.create_channel().await.unwrap();
+    let second_ch = conn.create_channel().await.unwrap();
+    let mut first = consume_into_channel(&first_ch, "sac-q", "first")
+        .await
+        .unwrap();
+    let mut second = consume_into_channel(&second_ch, "sac-q", "second")
+        .await
+        .unwrap();
+    let expected: Vec<String> = (0..4).map(|i| format!("m{i}")).collect();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let d = tokio::time::timeout(WAIT, first.recv())
+            .await
+            .expect("the active consumer got the recovered messages")
+            .unwrap();
+        got.push(String::from_utf8_lossy(&d.data).into_owned());
+    }
+    assert_eq!(got, expected);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        second.try_recv().is_err(),
+        "the standby consumer got a message"
+    );
+    // The first goes with its 4 unacked messages: they go back and to the second.
+    first_ch.close(200, ss("bye")).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let d = tokio::time::timeout(WAIT, second.recv())
+            .await
+            .expect("the next consumer took over")
+            .unwrap();
+        assert!(d.redelivered);
+        got.push(String::from_utf8_lossy(&d.data).into_owned());
+    }
+    assert_eq!(got, expected);
 }

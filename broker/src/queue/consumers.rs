@@ -11,6 +11,10 @@
 //! - per-consumer prefetch only limits consumers that must ack: RabbitMQ tracks no credit for
 //!   no-ack consumers, whatever basic.qos said.
 //!
+//! - with `x-single-active-consumer`, only one consumer (the first registered) is in a line;
+//!   the others wait on standby, and when the active one goes, the standby consumer with the
+//!   highest priority (the earliest registered among equals) takes over (RabbitMQ 3.10).
+//!
 //! Unlike RabbitMQ, credit is keyed by an internal [`ConsumerId`] that is never reused, not by
 //! the consumer tag: an ack for a message delivered to a cancelled consumer never feeds a new
 //! consumer that reuses the same tag.
@@ -163,7 +167,10 @@ struct Group {
 ///   iff `members > 0`;
 /// - a consumer is in its group's `line` exactly once iff `!parked`, and `parked` iff it is
 ///   out of credit (`in_flight >= prefetch` for a limited consumer);
-/// - `exclusive` is `Some(id)` iff consumer `id` was added exclusive; it is then the only one.
+/// - `exclusive` is `Some(id)` iff consumer `id` was added exclusive; it is then the only one;
+/// - consumers in `standby` are in no group (the group invariants above count the others
+///   only); `standby` is empty unless `single_active`, and then at most one consumer is
+///   outside it, and exactly one while there are any consumers.
 #[derive(Debug, Default)]
 pub struct ConsumerSet {
     consumers: HashMap<ConsumerId, Consumer>,
@@ -172,11 +179,25 @@ pub struct ConsumerSet {
     groups: BTreeMap<Reverse<i32>, Group>,
     exclusive: Option<ConsumerId>,
     next_id: u64,
+    /// `x-single-active-consumer`.
+    single_active: bool,
+    /// Single active consumer: the registered consumers waiting for their turn, in
+    /// registration order.
+    standby: Vec<ConsumerId>,
 }
 
 impl ConsumerSet {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// `x-single-active-consumer`: set once, before any consumer is added.
+    pub fn set_single_active(&mut self, on: bool) {
+        self.single_active = on;
+    }
+
+    pub fn is_single_active(&self) -> bool {
+        self.single_active
     }
 
     /// Registers a consumer (basic.consume), at the back of its priority group's line.
@@ -191,9 +212,13 @@ impl ConsumerSet {
         }
         let id = ConsumerId(self.next_id);
         self.next_id += 1;
-        let group = self.groups.entry(Reverse(spec.priority)).or_default();
-        group.members += 1;
-        group.line.push_back(id);
+        if self.single_active && !self.consumers.is_empty() {
+            self.standby.push(id);
+        } else {
+            let group = self.groups.entry(Reverse(spec.priority)).or_default();
+            group.members += 1;
+            group.line.push_back(id);
+        }
         if spec.exclusive {
             self.exclusive = Some(id);
         }
@@ -244,6 +269,17 @@ impl ConsumerSet {
         if self.exclusive == Some(id) {
             self.exclusive = None;
         }
+        if let Some(at) = self.standby.iter().position(|other| *other == id) {
+            self.standby.remove(at);
+            return;
+        }
+        self.leave_group(id, &consumer);
+        if self.single_active {
+            self.promote_standby();
+        }
+    }
+
+    fn leave_group(&mut self, id: ConsumerId, consumer: &Consumer) {
         let slot = Reverse(consumer.priority);
         if let Some(group) = self.groups.get_mut(&slot) {
             if !consumer.parked {
@@ -254,6 +290,24 @@ impl ConsumerSet {
                 self.groups.remove(&slot);
             }
         }
+    }
+
+    /// Single active consumer: the active one went; the standby consumer with the highest
+    /// priority, the earliest registered among equals, takes over.
+    fn promote_standby(&mut self) {
+        let best = self
+            .standby
+            .iter()
+            .enumerate()
+            .filter_map(|(at, id)| self.consumers.get(id).map(|c| (at, *id, c.priority)))
+            .max_by_key(|(at, _, priority)| (*priority, Reverse(*at)));
+        let Some((at, id, priority)) = best else {
+            return;
+        };
+        self.standby.remove(at);
+        let group = self.groups.entry(Reverse(priority)).or_default();
+        group.members += 1;
+        group.line.push_back(id);
     }
 
     /// Chooses the consumer for the next message and charges the delivery to it.
@@ -375,8 +429,8 @@ impl ConsumerSet {
             members += group.members;
             let in_group = self
                 .consumers
-                .values()
-                .filter(|c| c.priority == *priority)
+                .iter()
+                .filter(|(id, c)| c.priority == *priority && !self.standby.contains(id))
                 .count();
             assert_eq!(group.members, in_group);
             for id in &group.line {
@@ -386,8 +440,24 @@ impl ConsumerSet {
                 assert_eq!(group.line.iter().filter(|x| *x == id).count(), 1);
             }
         }
-        assert_eq!(members, self.consumers.len());
+        assert_eq!(members + self.standby.len(), self.consumers.len());
+        if self.single_active {
+            assert!(members <= 1, "one active consumer at most");
+            assert_eq!(members == 1, !self.consumers.is_empty());
+        } else {
+            assert!(self.standby.is_empty());
+        }
+        for id in &self.standby {
+            let c = &self.consumers[id];
+            assert!(
+                !c.parked && c.in_flight == 0,
+                "a standby consumer never got a message"
+            );
+        }
         for (id, c) in &self.consumers {
+            if self.standby.contains(id) {
+                continue;
+            }
             assert_eq!(c.parked, c.out_of_credit(), "parked iff out of credit");
             let in_line = self
                 .groups
@@ -428,6 +498,91 @@ mod tests {
         let p = set.pick(&mut always);
         set.check_invariants();
         p.map(|p| p.key.tag.to_string())
+    }
+
+    fn single_active() -> ConsumerSet {
+        let mut set = ConsumerSet::new();
+        set.set_single_active(true);
+        set
+    }
+
+    #[test]
+    fn single_active_the_first_registered_gets_everything_whatever_the_priorities() {
+        let mut set = single_active();
+        set.add(spec(1, "first", 0, 0)).unwrap();
+        set.add(spec(2, "urgent", 10, 0)).unwrap();
+        set.add(spec(3, "third", 0, 0)).unwrap();
+        set.check_invariants();
+        assert_eq!(set.len(), 3, "standby consumers count as consumers");
+        for _ in 0..5 {
+            assert_eq!(pick_tag(&mut set).unwrap(), "first");
+        }
+    }
+
+    #[test]
+    fn single_active_failover_goes_to_the_highest_priority_then_the_earliest() {
+        let mut set = single_active();
+        let first = ConsumerKey::new(ChannelKey(1), "first");
+        set.add(spec(1, "first", 0, 0)).unwrap();
+        set.add(spec(2, "early", 0, 0)).unwrap();
+        set.add(spec(3, "urgent", 10, 0)).unwrap();
+        set.add(spec(4, "also-urgent", 10, 0)).unwrap();
+        set.remove(&first).unwrap();
+        set.check_invariants();
+        assert_eq!(pick_tag(&mut set).unwrap(), "urgent");
+        assert_eq!(pick_tag(&mut set).unwrap(), "urgent");
+        set.remove(&ConsumerKey::new(ChannelKey(3), "urgent"))
+            .unwrap();
+        assert_eq!(pick_tag(&mut set).unwrap(), "also-urgent");
+        set.remove(&ConsumerKey::new(ChannelKey(4), "also-urgent"))
+            .unwrap();
+        assert_eq!(pick_tag(&mut set).unwrap(), "early");
+        set.remove(&ConsumerKey::new(ChannelKey(2), "early"))
+            .unwrap();
+        assert_eq!(pick_tag(&mut set), None);
+        assert_eq!(set.len(), 0);
+        // The next consumer to come is active at once.
+        set.add(spec(5, "late", 0, 0)).unwrap();
+        assert_eq!(pick_tag(&mut set).unwrap(), "late");
+    }
+
+    #[test]
+    fn single_active_a_standby_consumer_leaving_changes_nothing() {
+        let mut set = single_active();
+        set.add(spec(1, "active", 0, 0)).unwrap();
+        set.add(spec(2, "standby", 5, 0)).unwrap();
+        set.remove(&ConsumerKey::new(ChannelKey(2), "standby"))
+            .unwrap();
+        set.check_invariants();
+        assert_eq!(pick_tag(&mut set).unwrap(), "active");
+        assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn single_active_an_active_consumer_out_of_credit_holds_the_messages() {
+        let mut set = single_active();
+        let active = set.add(spec(1, "active", 0, 1)).unwrap();
+        set.add(spec(2, "standby", 0, 0)).unwrap();
+        assert_eq!(pick_tag(&mut set).unwrap(), "active");
+        assert_eq!(
+            pick_tag(&mut set),
+            None,
+            "no fallback to a standby consumer"
+        );
+        assert!(set.settled(active));
+        assert_eq!(pick_tag(&mut set).unwrap(), "active");
+    }
+
+    #[test]
+    fn single_active_closing_a_channel_hands_over_past_its_other_consumers() {
+        let mut set = single_active();
+        set.add(spec(1, "a", 0, 0)).unwrap();
+        set.add(spec(1, "b", 9, 0)).unwrap();
+        set.add(spec(2, "c", 0, 0)).unwrap();
+        let gone = set.remove_channel(ChannelKey(1));
+        assert_eq!(gone.len(), 2);
+        set.check_invariants();
+        assert_eq!(pick_tag(&mut set).unwrap(), "c");
     }
 
     #[test]

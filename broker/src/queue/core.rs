@@ -224,6 +224,11 @@ impl<M> QueueCore<M> {
         }
     }
 
+    /// `x-single-active-consumer` (see [`ConsumerSet`]); set before any consumer is added.
+    pub fn set_single_active_consumer(&mut self, on: bool) {
+        self.consumers.set_single_active(on);
+    }
+
     /// Enqueues a message at the tail. O(1).
     pub fn publish(&mut self, msg: M) -> MsgSeq {
         self.enqueue(msg, false)

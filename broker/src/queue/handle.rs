@@ -503,6 +503,14 @@ impl QueueState {
     }
 }
 
+/// `x-single-active-consumer: true` among a queue's (validated) arguments.
+fn single_active_consumer(args: &FieldTable) -> bool {
+    matches!(
+        args.inner().get("x-single-active-consumer"),
+        Some(amq_protocol::types::AMQPValue::Boolean(true))
+    )
+}
+
 /// One queue, shared by every connection that uses it.
 #[derive(Debug)]
 pub struct Queue {
@@ -524,6 +532,8 @@ impl Queue {
         persistence: Option<Arc<Persistence>>,
         store: Option<QueueStore>,
     ) -> Arc<Queue> {
+        let mut core = QueueCore::with_sizer(QMsg::size);
+        core.set_single_active_consumer(single_active_consumer(&props.arguments));
         Arc::new(Queue {
             name,
             vhost,
@@ -531,7 +541,7 @@ impl Queue {
             memory,
             persistence,
             state: Mutex::new(QueueState {
-                core: QueueCore::with_sizer(QMsg::size),
+                core,
                 sinks: HashMap::default(),
                 limiters: HashMap::default(),
                 store,
@@ -545,7 +555,9 @@ impl Queue {
 
     /// Takes the index recovery built from the store (before any client saw the queue).
     pub fn restore(&self, index: RecoveredIndex) {
-        self.lock().core = index.0;
+        let mut core = index.0;
+        core.set_single_active_consumer(single_active_consumer(&self.props.arguments));
+        self.lock().core = core;
     }
 
     /// The lock is never held across `.await` and never taken while holding another queue's.
@@ -717,6 +729,10 @@ impl Queue {
         let mut st = self.lock();
         let existed = st.core.cancel_consumer(key);
         st.sinks.remove(key);
+        if existed && single_active_consumer(&self.props.arguments) {
+            // A standby consumer may have taken over: give it what is ready.
+            self.dispatch_locked(&mut st);
+        }
         if existed && !st.core.has_consumers() {
             st.unused_since = std::time::Instant::now();
         }
