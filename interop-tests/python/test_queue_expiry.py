@@ -16,6 +16,16 @@ LEASE_MS = 400
 QUIET = 1.2
 
 
+def _declare(broker, arguments):
+    """A connection, a channel, and a new queue declared with `arguments`."""
+    conn = pika.BlockingConnection(broker.pika_params())
+    ch = conn.channel()
+    q = uniq("expires")
+    ok = ch.queue_declare(q, arguments=arguments)
+    assert ok.method.queue == q
+    return conn, ch, q
+
+
 def _exists(conn, q):
     """Passive declare on a fresh channel (a 404 closes that channel only)."""
     ch = conn.channel()
@@ -38,11 +48,7 @@ def _gone_after_quiet(conn, q, tries=5):
 
 
 def test_unused_queue_goes_with_its_messages(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("expires")
-    ok = ch.queue_declare(q, arguments={"x-expires": LEASE_MS})
-    assert ok.method.queue == q
+    conn, ch, q = _declare(broker, {"x-expires": LEASE_MS})
     ch.confirm_delivery()
     for i in range(3):
         ch.basic_publish("", q, b"m%d" % i)
@@ -54,10 +60,7 @@ def test_unused_queue_goes_with_its_messages(broker):
 
 
 def test_a_consumer_keeps_the_queue_and_the_clock_starts_when_it_goes(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("expires")
-    ch.queue_declare(q, arguments={"x-expires": LEASE_MS})
+    conn, ch, q = _declare(broker, {"x-expires": LEASE_MS})
     tag = ch.basic_consume(q, lambda c, m, p, b: None, auto_ack=True)
     conn.sleep(3 * LEASE_MS / 1000)
     assert _exists(conn, q), "a queue with a consumer expired"
@@ -70,10 +73,7 @@ def test_a_consumer_keeps_the_queue_and_the_clock_starts_when_it_goes(broker):
 
 
 def test_closing_the_consumers_channel_starts_the_clock(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    q = uniq("expires")
-    ch = conn.channel()
-    ch.queue_declare(q, arguments={"x-expires": LEASE_MS})
+    conn, ch, q = _declare(broker, {"x-expires": LEASE_MS})
     ch.basic_consume(q, lambda c, m, p, b: None, auto_ack=True)
     conn.sleep(3 * LEASE_MS / 1000)
     assert _exists(conn, q)
@@ -84,11 +84,8 @@ def test_closing_the_consumers_channel_starts_the_clock(broker):
 
 @pytest.mark.parametrize("renew", ["declare", "passive-declare", "basic-get"])
 def test_declare_and_get_renew_the_lease(broker, renew):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("expires")
     args = {"x-expires": LEASE_MS}
-    ch.queue_declare(q, arguments=args)
+    conn, ch, q = _declare(broker, args)
     # Touch it every 150 ms for three leases: it must survive all of them.
     deadline = time.monotonic() + 3 * LEASE_MS / 1000
     while time.monotonic() < deadline:
@@ -105,10 +102,7 @@ def test_declare_and_get_renew_the_lease(broker, renew):
 
 
 def test_an_expired_queue_can_be_declared_again(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("expires")
-    ch.queue_declare(q, arguments={"x-expires": LEASE_MS})
+    conn, ch, q = _declare(broker, {"x-expires": LEASE_MS})
     ch.basic_publish("", q, b"old")
     assert _gone_after_quiet(conn, q)
     ok = ch.queue_declare(q, arguments={"x-expires": 60000})

@@ -21,6 +21,15 @@ def _wait(conn, pred, timeout=5.0):
     return pred()
 
 
+def _open(broker):
+    """A connection, a channel, and a new single-active-consumer queue."""
+    conn = pika.BlockingConnection(broker.pika_params())
+    ch = conn.channel()
+    q = uniq("sac")
+    ch.queue_declare(q, arguments=SAC, auto_delete=True)
+    return conn, ch, q
+
+
 def _consumers(conn, q, priorities, auto_ack=True):
     """One channel and consumer per priority; returns (channels, tags, got) where got
     collects (consumer index, body, redelivered)."""
@@ -40,10 +49,7 @@ def _consumers(conn, q, priorities, auto_ack=True):
 
 
 def test_the_first_consumer_gets_everything_whatever_the_priorities(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("sac")
-    ch.queue_declare(q, arguments=SAC, auto_delete=True)
+    conn, ch, q = _open(broker)
     _chans, _tags, got = _consumers(conn, q, [0, 10, 5])
     assert ch.queue_declare(q, passive=True).method.consumer_count == 3
     for i in range(20):
@@ -56,33 +62,22 @@ def test_the_first_consumer_gets_everything_whatever_the_priorities(broker):
 
 
 def test_cancel_hands_over_to_the_highest_priority_then_the_earliest(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("sac")
-    ch.queue_declare(q, arguments=SAC, auto_delete=True)
+    conn, ch, q = _open(broker)
     chans, tags, got = _consumers(conn, q, [0, 0, 10, 10])
     ch.basic_publish("", q, b"a")
     assert _wait(conn, lambda: len(got) == 1) and got[-1][0] == 0
-    chans[0].basic_cancel(tags[0])
-    ch.basic_publish("", q, b"b")
-    assert _wait(conn, lambda: len(got) == 2)
-    assert got[-1][:2] == (2, b"b"), got
-    chans[2].basic_cancel(tags[2])
-    ch.basic_publish("", q, b"c")
-    assert _wait(conn, lambda: len(got) == 3)
-    assert got[-1][:2] == (3, b"c"), got
-    chans[3].basic_cancel(tags[3])
-    ch.basic_publish("", q, b"d")
-    assert _wait(conn, lambda: len(got) == 4)
-    assert got[-1][:2] == (1, b"d"), got
+    # (consumer cancelled, next message, consumer expected to get it)
+    for gone, body, heir in [(0, b"b", 2), (2, b"c", 3), (3, b"d", 1)]:
+        chans[gone].basic_cancel(tags[gone])
+        n = len(got)
+        ch.basic_publish("", q, body)
+        assert _wait(conn, lambda: len(got) == n + 1)
+        assert got[-1][:2] == (heir, body), got
     conn.close()
 
 
 def test_the_next_active_consumer_gets_what_the_closed_one_left_unacked(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("sac")
-    ch.queue_declare(q, arguments=SAC, auto_delete=True)
+    conn, ch, q = _open(broker)
     chans, _tags, got = _consumers(conn, q, [0, 0], auto_ack=False)
     ch.basic_publish("", q, b"x")
     assert _wait(conn, lambda: len(got) == 1) and got[0] == (0, b"x", False)
@@ -94,10 +89,7 @@ def test_the_next_active_consumer_gets_what_the_closed_one_left_unacked(broker):
 
 
 def test_an_active_consumer_at_its_prefetch_limit_holds_the_rest(broker):
-    conn = pika.BlockingConnection(broker.pika_params())
-    ch = conn.channel()
-    q = uniq("sac")
-    ch.queue_declare(q, arguments=SAC, auto_delete=True)
+    conn, ch, q = _open(broker)
     got = []
     active = conn.channel()
     active.basic_qos(prefetch_count=1)

@@ -229,6 +229,10 @@ impl<M> QueueCore<M> {
         self.consumers.set_single_active(on);
     }
 
+    pub fn is_single_active_consumer(&self) -> bool {
+        self.consumers.is_single_active()
+    }
+
     /// Enqueues a message at the tail. O(1).
     pub fn publish(&mut self, msg: M) -> MsgSeq {
         self.enqueue(msg, false)

@@ -729,7 +729,7 @@ impl Queue {
         let mut st = self.lock();
         let existed = st.core.cancel_consumer(key);
         st.sinks.remove(key);
-        if existed && single_active_consumer(&self.props.arguments) {
+        if existed && st.core.is_single_active_consumer() {
             // A standby consumer may have taken over: give it what is ready.
             self.dispatch_locked(&mut st);
         }
