@@ -127,10 +127,10 @@ async fn housekeeping(broker: Arc<Broker>) {
         let now = std::time::Instant::now();
         for vhost in broker.vhosts() {
             for queue in vhost.queues() {
-                if queue.expired(now) {
-                    // As RabbitMQ: the queue goes with its messages (not dead-lettered).
+                // The first check takes no vhost lock; expire_queue checks again under it.
+                // As RabbitMQ: the queue goes with its messages (not dead-lettered).
+                if queue.expired(now) && vhost.expire_queue(&queue, now) {
                     info!(vhost = %vhost.name, queue = %queue.name, "queue expired (x-expires)");
-                    vhost.delete_queue_if_same(&queue);
                     continue;
                 }
                 queue.drop_expired();

@@ -355,12 +355,23 @@ impl VHost {
     /// Returns the queue with its (ready messages, consumers) counts.
     pub fn declare_queue(&self, d: QueueDeclare<'_>) -> Result<(Arc<Queue>, u32, u32), AmqpError> {
         let res = resource("queue", &d.name, &self.name);
-        if let Some(existing) = self.queue(&d.name) {
-            check_declare_owner(&existing, &d)?;
-            if !d.passive {
-                check_equivalent(&existing, &d, &res)?;
+        // Checked and renewed under the map's lock, so that x-expires (which deletes under
+        // the write lock, see `expire_queue`) cannot take a queue a declare has just renewed.
+        let found = {
+            let queues = self.queues_read();
+            match queues.get(&d.name) {
+                Some(existing) => {
+                    check_declare_owner(existing, &d)?;
+                    if !d.passive {
+                        check_equivalent(existing, &d, &res)?;
+                    }
+                    existing.renew_lease();
+                    Some(existing.clone())
+                }
+                None => None,
             }
-            existing.renew_lease();
+        };
+        if let Some(existing) = found {
             let (messages, consumers) = existing.counts();
             return Ok((existing, messages, consumers));
         }
@@ -384,10 +395,10 @@ impl VHost {
         let mut queues = self.queues_write();
         // Another connection may have won the race between our lookup and the write lock.
         if let Some(existing) = queues.get(&d.name).cloned() {
-            drop(queues);
             check_declare_owner(&existing, &d)?;
             check_equivalent(&existing, &d, &res)?;
             existing.renew_lease();
+            drop(queues);
             let (messages, consumers) = existing.counts();
             return Ok((existing, messages, consumers));
         }
@@ -431,15 +442,43 @@ impl VHost {
     /// Deletes `queue` if it is still the one registered under its name; tells its consumers.
     /// Returns the number of ready messages it held.
     pub fn delete_queue_if_same(&self, queue: &Arc<Queue>) -> u32 {
-        {
-            let mut queues = self.queues_write();
-            match queues.get(&queue.name) {
-                Some(current) if Arc::ptr_eq(current, queue) => {
-                    queues.remove(&queue.name);
-                }
-                _ => return 0,
-            }
+        if !self.unregister_queue_if(queue, |_| true) {
+            return 0;
         }
+        self.finish_queue_delete(queue)
+    }
+
+    /// Deletes `queue` if its `x-expires` has run out at `now` (checked again under the
+    /// queues' write lock, which a declare's renewal of the lease also needs). True if
+    /// deleted.
+    pub fn expire_queue(&self, queue: &Arc<Queue>, now: std::time::Instant) -> bool {
+        if !self.unregister_queue_if(queue, |q| q.expired(now)) {
+            return false;
+        }
+        self.finish_queue_delete(queue);
+        true
+    }
+
+    /// Removes `queue` from the name map if it is still the one registered under its name
+    /// and `condition` holds for it (evaluated under the write lock).
+    fn unregister_queue_if(
+        &self,
+        queue: &Arc<Queue>,
+        condition: impl FnOnce(&Queue) -> bool,
+    ) -> bool {
+        let mut queues = self.queues_write();
+        match queues.get(&queue.name) {
+            Some(current) if Arc::ptr_eq(current, queue) && condition(queue) => {
+                queues.remove(&queue.name);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The rest of a deletion once the queue left the name map: bindings, the definitions
+    /// log, consumers told. Returns the number of ready messages it held.
+    fn finish_queue_delete(&self, queue: &Arc<Queue>) -> u32 {
         let removed = self.topology_write().remove_queue(&queue.name);
         if queue.is_durable_store() {
             self.record(DefChange::DeleteQueue {
