@@ -411,7 +411,7 @@ if out=$("$PY" "$WORK/check.py" stop "$WARREN_AMQP_PORT" "${CREDS[@]}" "$CID" "$
   code=$(docker inspect -f '{{.State.ExitCode}} {{.State.OOMKilled}}' "$CID")
   secs=$(cat "$WORK/stop-seconds")
   if [[ $code == "0 false" ]] && awk -v s="$secs" -v g="$grace" 'BEGIN { exit !(s < g) }' &&
-    docker logs "$CID" 2>&1 | grep -q 'SIGTERM received'; then
+    docker logs "$CID" 2>&1 | grep 'SIGTERM received' >/dev/null; then
     pass stop "exit code 0 after ${secs} s (grace ${grace} s), client got 320 CONNECTION_FORCED"
   else
     fail stop "exit code/OOM '$code' after ${secs} s (grace ${grace} s); SIGTERM logged: $(docker logs "$CID" 2>&1 | grep -c 'SIGTERM received')"

@@ -70,7 +70,7 @@ command -v docker >/dev/null || die "no docker client installed"
 
 # ---- 1. the static release build --------------------------------------------------------------
 BINS=(warren)
-if cargo metadata --no-deps --format-version 1 2>/dev/null | grep -q '"name":"warren-perf"'; then
+if cargo metadata --no-deps --format-version 1 2>/dev/null | grep '"name":"warren-perf"' >/dev/null; then
   BINS+=(warren-perf)
 fi
 bin_args=()
@@ -94,7 +94,7 @@ for b in "${BINS[@]}"; do
   if ! file -b "$src" | grep -Eq 'static(ally|-pie) linked'; then
     die "$src is not static: $(file -b "$src")"
   fi
-  if ldd "$src" 2>&1 | grep -q '=>'; then
+  if ldd "$src" 2>&1 | grep '=>' >/dev/null; then
     die "$src loads shared libraries: $(ldd "$src" 2>&1 | tr '\n' ' ')"
   fi
   # The release profile keeps line tables (debug = 1) for profiling; the image does not need
