@@ -17,7 +17,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind};
 use tokio::sync::mpsc;
-use warren_tests::Target;
+use warren_tests::{connection_errors, Target};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -448,6 +448,7 @@ async fn immediate_is_540() {
     let conn = connect(&target).await;
     let ch = conn.create_channel().await.unwrap();
     let q = declare(&ch, "", true).await;
+    let mut errors = connection_errors(&conn);
     ch.basic_publish(
         "".into(),
         q.as_str().into(),
@@ -460,14 +461,19 @@ async fn immediate_is_540() {
     )
     .await
     .unwrap();
-    let err = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
+    ch.queue_declare(
+        "".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect_err("the connection is closed with 540");
+    // That call fails with the broker's reply, or with lapin's "channel closing" if the
+    // connection.close arrived before it went out: the reply itself comes as an event.
+    let err = tokio::time::timeout(WAIT, errors.recv())
         .await
-        .expect_err("the connection is closed with 540");
+        .expect("a connection error within WAIT")
+        .expect("the error stream is open");
     let (code, text) = amqp_error(&err);
     assert_eq!(
         (code, text.as_str()),

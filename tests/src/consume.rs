@@ -1,4 +1,5 @@
-//! A lapin consumer whose deliveries arrive on a channel the test reads at its own pace.
+//! lapin streams (a consumer's deliveries, a connection's errors) turned into mpsc receivers the
+//! test reads at its own pace.
 
 use std::pin::Pin;
 
@@ -6,7 +7,7 @@ use futures_core::Stream;
 use lapin::message::Delivery;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
-use lapin::Channel;
+use lapin::{Channel, Connection, Event};
 use tokio::sync::mpsc;
 
 /// Starts a manual-ack consumer tagged `tag` on `queue`; its deliveries come out of the
@@ -42,4 +43,22 @@ pub async fn consume_into_channel(
         }
     });
     Ok(rx)
+}
+
+/// The errors `conn` reports from now on, in order. A connection the broker closes reports
+/// the broker's reply (a `ProtocolError`) here even when the call that was in flight failed
+/// only with lapin's own "channel closing" state error.
+pub fn connection_errors(conn: &Connection) -> mpsc::UnboundedReceiver<lapin::Error> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut events = Box::pin(conn.events_listener());
+    tokio::spawn(async move {
+        while let Some(event) = std::future::poll_fn(|cx| events.as_mut().poll_next(cx)).await {
+            if let Event::Error(e) = event {
+                if tx.send(e).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
 }
