@@ -365,6 +365,9 @@ fn run(shared: &Shared) {
         let fsyncs = files.len() as u64;
         let failed = pool.sync_all(files);
         let n = batch.len() as u64;
+        // Counted before the completions run: whoever a completion wakes may read the
+        // stats and must find its request in them.
+        shared.requests.fetch_add(n, Ordering::Relaxed);
         shared.batches.fetch_add(1, Ordering::Relaxed);
         shared.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
         shared.max_batch.fetch_max(n, Ordering::Relaxed);
@@ -380,6 +383,5 @@ fn run(shared: &Shared) {
                 tracing::error!("a sync completion panicked");
             }
         }
-        shared.requests.fetch_add(n, Ordering::Relaxed);
     }
 }
