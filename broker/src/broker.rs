@@ -57,11 +57,7 @@ impl Broker {
         let mut vhosts = HashMap::default();
         vhosts.insert(
             config.default_vhost.clone(),
-            Arc::new(VHost::new(
-                &config.default_vhost,
-                memory,
-                persistence.clone(),
-            )),
+            VHost::new(&config.default_vhost, memory, persistence.clone()),
         );
         Arc::new(Broker {
             resources: memory,
@@ -78,9 +74,9 @@ impl Broker {
         {
             let mut vhosts = self.vhosts.write().unwrap_or_else(|e| e.into_inner());
             for name in defs.vhosts.keys() {
-                vhosts.entry(name.clone()).or_insert_with(|| {
-                    Arc::new(VHost::new(name, self.resources, Some(persistence.clone())))
-                });
+                vhosts
+                    .entry(name.clone())
+                    .or_insert_with(|| VHost::new(name, self.resources, Some(persistence.clone())));
             }
         }
         if !defs.vhosts.contains_key(&self.config.default_vhost) {

@@ -5,17 +5,21 @@
 
 use crate::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 use warren_storage::{BindingDef, DefChange, ExchangeDef, QueueDef};
 
 use crate::error::{resource, AmqpError};
 use crate::exchange::{DeclareOutcome, Destination, Removed, RouteSet, Topology};
+use crate::message::{Body, Message, MessageParts};
 use crate::persist::Persistence;
+use crate::queue::dead_letter::{
+    is_automatic_cycle, republish, DeadLetter, DeadLetterRouter, DeadLetterTarget,
+};
 use crate::queue::handle::{ConnEvent, Queue, QueueProps, RecoveredIndex};
 use crate::resources::ResourceMonitor;
 
@@ -45,6 +49,8 @@ pub struct VHost {
     memory: &'static ResourceMonitor,
     /// Where durable definitions and messages go; None for a broker without a data dir.
     persistence: Option<Arc<Persistence>>,
+    /// This vhost, for its queues to hand their dead letters back to.
+    me: Weak<VHost>,
 }
 
 impl VHost {
@@ -52,15 +58,20 @@ impl VHost {
         name: &str,
         memory: &'static ResourceMonitor,
         persistence: Option<Arc<Persistence>>,
-    ) -> VHost {
-        VHost {
+    ) -> Arc<VHost> {
+        Arc::new_cyclic(|me| VHost {
             name: Arc::from(name),
             topology: RwLock::new(Topology::new(name)),
             queues: RwLock::new(HashMap::default()),
             topology_version: AtomicU64::new(0),
             memory,
             persistence,
-        }
+            me: me.clone(),
+        })
+    }
+
+    fn router(&self) -> Weak<dyn DeadLetterRouter> {
+        self.me.clone()
     }
 
     fn record(&self, change: DefChange) {
@@ -116,13 +127,7 @@ impl VHost {
             }
         };
         let name: Arc<str> = Arc::from(def.name.as_str());
-        let props = QueueProps {
-            durable: true,
-            auto_delete: def.auto_delete,
-            exclusive_owner: None,
-            arguments: def.arguments.clone(),
-            limits: crate::queue::handle::Limits::from_arguments(&def.arguments),
-        };
+        let props = QueueProps::new(true, def.auto_delete, None, def.arguments.clone());
         let queue = Queue::new(
             name.clone(),
             self.name.clone(),
@@ -130,6 +135,7 @@ impl VHost {
             self.memory,
             self.persistence.clone(),
             Some(store),
+            Some(self.router()),
         );
         queue.restore(index);
         self.queues_write().insert(name, queue);
@@ -385,13 +391,12 @@ impl VHost {
             )));
         }
         validate_queue_arguments(d.arguments, &res)?;
-        let props = QueueProps {
-            durable: d.durable,
-            auto_delete: d.auto_delete,
-            exclusive_owner: d.exclusive.then_some(d.conn_id),
-            arguments: d.arguments.clone(),
-            limits: crate::queue::handle::Limits::from_arguments(d.arguments),
-        };
+        let props = QueueProps::new(
+            d.durable,
+            d.auto_delete,
+            d.exclusive.then_some(d.conn_id),
+            d.arguments.clone(),
+        );
         let mut queues = self.queues_write();
         // Another connection may have won the race between our lookup and the write lock.
         if let Some(existing) = queues.get(&d.name).cloned() {
@@ -424,6 +429,7 @@ impl VHost {
             self.memory,
             self.persistence.clone(),
             store,
+            Some(self.router()),
         );
         queues.insert(d.name.clone(), queue.clone());
         drop(queues);
@@ -620,7 +626,8 @@ fn validate_queue_arguments(args: &FieldTable, res: &str) -> Result<(), AmqpErro
                         crate::exchange::term::type_name(value)
                     )));
                 }
-                None
+                (key == "x-dead-letter-routing-key" && !args.contains_key("x-dead-letter-exchange"))
+                    .then(|| "routing_key_but_no_dlx_defined".into())
             }
             "x-overflow" => match value {
                 AMQPValue::LongString(s)
@@ -682,5 +689,59 @@ pub fn int_check(
     match max {
         Some(max) if v > max => Some(format!("{{max_value_exceeded,{v}}}")),
         _ => None,
+    }
+}
+
+impl DeadLetterRouter for VHost {
+    /// Republishes dead letters through their exchange as RabbitMQ 3.10's classic queues do:
+    /// at most once (no confirms between the queues), dropped if the exchange is missing or
+    /// routes nowhere, and never into a queue that would close an automatic cycle.
+    fn route_dead_letters(&self, queue: &str, target: &DeadLetterTarget, letters: Vec<DeadLetter>) {
+        let now_secs = crate::message::now_ms() / 1000;
+        let mut routes = RouteSet::default();
+        let mut queues = Vec::new();
+        for letter in letters {
+            let r = match republish(&letter.msg, letter.reason, queue, target, now_secs) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(queue, error = %e.reply_text(), "cannot dead-letter a message");
+                    continue;
+                }
+            };
+            queues.clear();
+            if let Err(e) = self.route_queues(
+                &target.exchange,
+                &r.routing_key,
+                &r.extra_keys,
+                Some(&r.headers),
+                &mut routes,
+                &mut queues,
+            ) {
+                debug!(queue, error = %e, "dead letter dropped");
+                continue;
+            }
+            queues.retain(|q| {
+                let cycle = is_automatic_cycle(letter.reason, &r.headers, &q.name);
+                if cycle {
+                    debug!(queue, to = %q.name, "dead letter dropped: dead-letter queues cycle");
+                }
+                !cycle
+            });
+            if queues.is_empty() {
+                continue;
+            }
+            let parts = MessageParts {
+                exchange: target.exchange.as_bytes(),
+                routing_key: &r.routing_key,
+                header: &r.header,
+                body: Body::Copy(letter.msg.body()),
+            };
+            let charge = self.memory.charge(Message::footprint(&parts));
+            // A new message for TTLs: its time in the next queue starts now.
+            let msg = Arc::new(Message::new(parts, charge, std::time::Instant::now(), None));
+            for q in &queues {
+                let _ = q.publish(msg.clone(), None);
+            }
+        }
     }
 }

@@ -32,9 +32,9 @@ use std::time::Duration;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -90,6 +90,7 @@ both_restarts!(
     delete,
     expired_queues,
     single_active_consumer,
+    dead_lettered_messages,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1609,4 +1610,73 @@ async fn single_active_consumer(how: Restart) {
         got.push(String::from_utf8_lossy(&d.data).into_owned());
     }
     assert_eq!(got, expected);
+}
+
+/// Persistent messages dead-lettered from a durable queue into a durable one are in the
+/// second queue after a restart, with their `x-death` history, and no longer in the first.
+/// Dead-lettering is at most once, as in RabbitMQ (nothing confirms it); the background sync
+/// (every 200 ms) writes both queues' stores, so a kill -9 a second later loses nothing.
+async fn dead_lettered_messages(how: Restart) {
+    let mut broker = start();
+    let conn = connect(&broker).await;
+    let ch = confirm_channel(&conn).await;
+    declare_exchange(
+        &ch,
+        "dl-x",
+        ExchangeKind::Fanout,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await;
+    declare_queue(&ch, "dl-q", durable_queue(), FieldTable::default()).await;
+    bind(&ch, "dl-q", "dl-x", "", FieldTable::default()).await;
+    let source_args = table(&[("x-dead-letter-exchange", ls("dl-x"))]);
+    declare_queue(&ch, "dl-src", durable_queue(), source_args).await;
+    for i in 0..4 {
+        publish_routed(&ch, "", "dl-src", format!("m{i}").as_bytes(), persistent()).await;
+    }
+    // Reject m0..m2 without requeue; m3 stays in the source.
+    for _ in 0..3 {
+        let m = ch
+            .basic_get(ss("dl-src"), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("a message");
+        ch.basic_reject(
+            m.delivery.delivery_tag,
+            BasicRejectOptions { requeue: false },
+        )
+        .await
+        .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while message_count(&conn, "dl-q").await < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rejected messages did not reach dl-q"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    restart(&mut broker, how);
+    let conn = connect(&broker).await;
+    let ch = confirm_channel(&conn).await;
+    assert_eq!(drain_bodies(&ch, "dl-src").await, vec!["m3".to_string()]);
+    let got = get_all(&ch, "dl-q").await;
+    assert_eq!(bodies(&got), vec!["m0", "m1", "m2"], "after {how:?}");
+    for m in &got {
+        assert_eq!(m.delivery.exchange.as_str(), "dl-x");
+        assert_eq!(m.delivery.routing_key.as_str(), "dl-src");
+        let headers = m.properties.headers().clone().expect("headers");
+        let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+            panic!("no x-death after {how:?}: {headers:?}");
+        };
+        let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else {
+            panic!("x-death is empty: {deaths:?}");
+        };
+        assert_eq!(death.inner().get("reason"), Some(&ls("rejected")));
+        assert_eq!(death.inner().get("queue"), Some(&ls("dl-src")));
+        assert_eq!(m.properties.delivery_mode(), &Some(2));
+    }
 }

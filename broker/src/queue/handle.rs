@@ -8,8 +8,9 @@
 //! [`ChannelLimiter`]'s in-flight cap for everyone, so a queue never waits on a connection.
 
 use crate::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use amq_protocol::types::FieldTable;
 use tokio::sync::mpsc;
@@ -20,6 +21,7 @@ use warren_storage::{Body, MsgLocation, QueueStore, RecoveredMessage, StoredMess
 
 use super::consumers::{ChannelKey, ConsumeError, ConsumerKey, ConsumerSpec};
 use super::core::{ClosedOutcome, MsgSeq, QueueCore, Rejected};
+use super::dead_letter::{DeadLetter, DeadLetterRouter, DeadLetterTarget, DeathReason};
 use crate::message::{Body as MessageBody, Message, MessageParts};
 use crate::persist::Persistence;
 use crate::resources::ResourceMonitor;
@@ -245,6 +247,27 @@ pub struct QueueProps {
     pub exclusive_owner: Option<u64>,
     pub arguments: FieldTable,
     pub limits: Limits,
+    /// `x-dead-letter-exchange` / `x-dead-letter-routing-key`.
+    pub dead_letter: Option<DeadLetterTarget>,
+}
+
+impl QueueProps {
+    /// Properties of a queue declared with `arguments` (already validated).
+    pub fn new(
+        durable: bool,
+        auto_delete: bool,
+        exclusive_owner: Option<u64>,
+        arguments: FieldTable,
+    ) -> QueueProps {
+        QueueProps {
+            durable,
+            auto_delete,
+            exclusive_owner,
+            limits: Limits::from_arguments(&arguments),
+            dead_letter: DeadLetterTarget::from_arguments(&arguments),
+            arguments,
+        }
+    }
 }
 
 /// What a full queue does with a new message (`x-overflow`).
@@ -253,7 +276,7 @@ pub enum Overflow {
     #[default]
     DropHead,
     RejectPublish,
-    /// Like reject-publish; dead-lettering of the refused message comes with DLX support.
+    /// Like reject-publish, and the refused message is dead-lettered (reason `maxlen`).
     RejectPublishDlx,
 }
 
@@ -378,6 +401,54 @@ struct QueueState {
     /// consumers, and no queue.declare or basic.get since. Only meaningful while it has no
     /// consumers; set when the last one goes.
     unused_since: std::time::Instant,
+    /// Dead letters collected under the lock; empty whenever the lock is free (see
+    /// [`Locked`]).
+    dead: Vec<DeadLetter>,
+}
+
+/// The queue's lock. Dead letters collected under it go to the dead-letter exchange once it
+/// is released: their routing takes the vhost's locks and other queues' locks, and a queue's
+/// lock is never held while another's is taken.
+struct Locked<'a> {
+    /// Declared first, so dropped first: the lock is released...
+    state: MutexGuard<'a, QueueState>,
+    /// ...before the dead letters moved here go out.
+    outbox: Outbox<'a>,
+}
+
+struct Outbox<'a> {
+    queue: &'a Queue,
+    letters: Vec<DeadLetter>,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if !self.state.dead.is_empty() {
+            self.outbox.letters = std::mem::take(&mut self.state.dead);
+        }
+    }
+}
+
+impl Drop for Outbox<'_> {
+    fn drop(&mut self) {
+        if !self.letters.is_empty() {
+            self.queue
+                .route_dead_letters(std::mem::take(&mut self.letters));
+        }
+    }
+}
+
+impl Deref for Locked<'_> {
+    type Target = QueueState;
+    fn deref(&self) -> &QueueState {
+        &self.state
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut QueueState {
+        &mut self.state
+    }
 }
 
 impl QueueState {
@@ -520,6 +591,8 @@ pub struct Queue {
     memory: &'static ResourceMonitor,
     /// For the spill file; None when the broker has no data directory.
     persistence: Option<Arc<Persistence>>,
+    /// Republishes dead letters (the vhost); None in unit tests.
+    router: Option<Weak<dyn DeadLetterRouter>>,
     state: Mutex<QueueState>,
 }
 
@@ -531,6 +604,7 @@ impl Queue {
         memory: &'static ResourceMonitor,
         persistence: Option<Arc<Persistence>>,
         store: Option<QueueStore>,
+        router: Option<Weak<dyn DeadLetterRouter>>,
     ) -> Arc<Queue> {
         let mut core = QueueCore::with_sizer(QMsg::size);
         core.set_single_active_consumer(single_active_consumer(&props.arguments));
@@ -540,6 +614,7 @@ impl Queue {
             props,
             memory,
             persistence,
+            router,
             state: Mutex::new(QueueState {
                 core,
                 sinks: HashMap::default(),
@@ -549,6 +624,7 @@ impl Queue {
                 spill: None,
                 deleted: false,
                 unused_since: std::time::Instant::now(),
+                dead: Vec::new(),
             }),
         })
     }
@@ -561,10 +637,46 @@ impl Queue {
     }
 
     /// The lock is never held across `.await` and never taken while holding another queue's.
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
+    fn lock(&self) -> Locked<'_> {
         // Every critical section leaves QueueState consistent before anything can panic, so
         // a poisoned lock still guards valid state.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        Locked {
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            outbox: Outbox {
+                queue: self,
+                letters: Vec::new(),
+            },
+        }
+    }
+
+    /// Queues a message that leaves for `reason` to be dead-lettered when the lock is
+    /// released, if the queue has a dead-letter exchange. `loaded` is the message when the
+    /// caller already has it; otherwise a paged-out one is read back.
+    fn dead_letter(
+        &self,
+        st: &mut QueueState,
+        msg: &QMsg,
+        loaded: Option<Arc<Message>>,
+        reason: DeathReason,
+    ) {
+        if self.props.dead_letter.is_none() {
+            return;
+        }
+        let Some(msg) = loaded.or_else(|| st.load(msg, self.memory, &self.name)) else {
+            return;
+        };
+        st.dead.push(DeadLetter { msg, reason });
+    }
+
+    /// Hands dead letters to the vhost (no lock held).
+    fn route_dead_letters(&self, letters: Vec<DeadLetter>) {
+        let (Some(target), Some(router)) = (
+            self.props.dead_letter.as_ref(),
+            self.router.as_ref().and_then(Weak::upgrade),
+        ) else {
+            return;
+        };
+        router.route_dead_letters(&self.name, target, letters);
     }
 
     pub fn is_durable_store(&self) -> bool {
@@ -594,6 +706,13 @@ impl Queue {
         if limits.overflow != Overflow::DropHead {
             let count = st.core.message_count() as u64 + 1;
             if limits.over(count, st.core.ready_bytes() + msg.body_size()) {
+                if limits.overflow == Overflow::RejectPublishDlx && self.props.dead_letter.is_some()
+                {
+                    st.dead.push(DeadLetter {
+                        msg,
+                        reason: DeathReason::MaxLen,
+                    });
+                }
                 return Enqueued::Rejected;
             }
         }
@@ -646,7 +765,10 @@ impl Queue {
         // drop-head: whatever no consumer took and does not fit goes, oldest first.
         while limits.over(st.core.message_count() as u64, st.core.ready_bytes()) {
             match st.core.drop_head() {
-                Some(dropped) => st.forget(&dropped, &self.name),
+                Some(dropped) => {
+                    self.dead_letter(&mut st, &dropped, None, DeathReason::MaxLen);
+                    st.forget(&dropped, &self.name);
+                }
                 None => break,
             }
         }
@@ -661,24 +783,25 @@ impl Queue {
         let now = std::time::Instant::now();
         let mut dropped = 0;
         while let Some(front) = st.core.front().cloned() {
-            let expired = match &front {
-                QMsg::Mem(m) => m.is_expired(ttl, now),
-                QMsg::Cached(c) => c.1.is_expired(ttl, now),
+            let head = match &front {
+                QMsg::Mem(m) => m.clone(),
+                QMsg::Cached(c) => c.1.clone(),
                 // Reading a paged-out head back costs a disk read: only worth it when the
                 // queue itself has a TTL; a per-message TTL alone is applied at delivery.
                 _ if ttl.is_none() => break,
                 _ => match st.load(&front, self.memory, &self.name) {
-                    Some(m) => m.is_expired(ttl, now),
+                    Some(m) => m,
                     None => {
                         st.core.drop_head();
                         continue;
                     }
                 },
             };
-            if !expired {
+            if !head.is_expired(ttl, now) {
                 break;
             }
             st.core.drop_head();
+            self.dead_letter(&mut st, &front, Some(head), DeathReason::Expired);
             st.forget(&front, &self.name);
             dropped += 1;
         }
@@ -775,10 +898,10 @@ impl Queue {
                 continue;
             };
             if msg.is_expired(self.props.limits.message_ttl, std::time::Instant::now()) {
-                // Expired at the head: dropped (dead-lettering comes with DLX support).
                 if !no_ack {
                     st.core.ack(got.seq);
                 }
+                self.dead_letter(&mut st, &got.msg, Some(msg), DeathReason::Expired);
                 st.forget(&got.msg, &self.name);
                 continue;
             }
@@ -826,8 +949,8 @@ impl Queue {
         }
     }
 
-    /// basic.reject / basic.nack. Dropped messages are discarded (dead-lettering comes later).
-    /// True as for [`Self::ack`].
+    /// basic.reject / basic.nack. Messages not requeued are dead-lettered if the queue has a
+    /// dead-letter exchange, else discarded. True as for [`Self::ack`].
     #[must_use]
     pub fn reject(self: &Arc<Self>, seqs: &[MsgSeq], requeue: bool) -> bool {
         let mut st = self.lock();
@@ -835,6 +958,7 @@ impl Queue {
         for seq in seqs {
             if let Some(Rejected::Dropped(msg)) = st.core.reject(*seq, requeue) {
                 stored |= msg.location().is_some();
+                self.dead_letter(&mut st, &msg, None, DeathReason::Rejected);
                 st.forget(&msg, &self.name);
             }
         }
@@ -943,6 +1067,7 @@ impl Queue {
                 if !d.no_ack {
                     st.core.ack(d.seq);
                 }
+                self.dead_letter(st, &d.msg, Some(msg), DeathReason::Expired);
                 st.forget(&d.msg, &self.name);
                 sink.limiter.settled(1);
                 sink.limiter.written(1);
@@ -1088,15 +1213,9 @@ mod tests {
         for (k, v) in args {
             table.insert((*k).into(), v.clone());
         }
-        let props = QueueProps {
-            durable: false,
-            auto_delete: false,
-            exclusive_owner: None,
-            limits: Limits::from_arguments(&table),
-            arguments: table,
-        };
+        let props = QueueProps::new(false, false, None, table);
         let memory = crate::resources::ResourceMonitor::new(0);
-        Queue::new("q".into(), "/".into(), props, memory, None, None)
+        Queue::new("q".into(), "/".into(), props, memory, None, None, None)
     }
 
     #[test]

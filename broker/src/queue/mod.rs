@@ -1,4 +1,5 @@
 pub mod chunked;
 pub mod consumers;
 pub mod core;
+pub mod dead_letter;
 pub mod handle;
