@@ -25,6 +25,8 @@ pub struct Message {
     properties_len: u32,
     separate_body: Option<Bytes>,
     persistent: bool,
+    /// The `priority` property (0 when absent), for priority queues.
+    priority: u8,
     /// Counts this message against the memory high watermark while it lives.
     pub charge: MemoryCharge,
     /// When it was published (monotonic; for messages read back from disk, derived from the
@@ -101,6 +103,7 @@ impl Message {
             properties_len: u32::try_from(properties.len()).unwrap_or(u32::MAX),
             separate_body,
             persistent: parts.header.is_persistent(),
+            priority: parts.header.priority.unwrap_or(0),
             charge,
             published,
             ttl,
@@ -157,6 +160,10 @@ impl Message {
 
     pub fn is_persistent(&self) -> bool {
         self.persistent
+    }
+
+    pub fn priority(&self) -> u8 {
+        self.priority
     }
 
     /// Whether the message has outlived the smaller of its own TTL and the queue's.

@@ -117,7 +117,7 @@ impl VHost {
             return;
         };
         // Recovered messages go straight into the queue's index: no list of them in between.
-        let mut index = RecoveredIndex::default();
+        let mut index = RecoveredIndex::for_arguments(&def.arguments);
         let recovered = persistence.recover_store(&self.name, &def.name, &mut |m| index.push(m));
         let store = match recovered {
             Ok(store) => store,

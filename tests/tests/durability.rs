@@ -91,6 +91,7 @@ both_restarts!(
     expired_queues,
     single_active_consumer,
     dead_lettered_messages,
+    priority_queue,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1679,4 +1680,55 @@ async fn dead_lettered_messages(how: Restart) {
         assert_eq!(death.inner().get("queue"), Some(&ls("dl-src")));
         assert_eq!(m.properties.delivery_mode(), &Some(2));
     }
+}
+
+/// A durable priority queue comes back with its persistent messages in priority order (the
+/// priority is kept in each stored record), and requeues still go back to their level.
+async fn priority_queue(how: Restart) {
+    let mut broker = start();
+    let conn = connect(&broker).await;
+    let ch = confirm_channel(&conn).await;
+    let args = table(&[("x-max-priority", AMQPValue::ShortShortUInt(9))]);
+    declare_queue(&ch, "prio-q", durable_queue(), args.clone()).await;
+    for (body, priority) in [
+        ("a1", 1),
+        ("b9", 9),
+        ("c0", 0),
+        ("d5", 5),
+        ("e9", 9),
+        ("f200", 200),
+    ] {
+        let props = persistent().with_priority(priority);
+        publish_routed(&ch, "", "prio-q", body.as_bytes(), props).await;
+    }
+
+    restart(&mut broker, how);
+    let conn = connect(&broker).await;
+    assert_eq!(
+        redeclare_queue(&conn, "prio-q", durable_queue(), args).await,
+        Ok(6)
+    );
+    let ch = confirm_channel(&conn).await;
+    // The first two out, back again: they keep their place in front of f200 (priority 9 too).
+    let mut tags = Vec::new();
+    for expected in ["b9", "e9"] {
+        let m = ch
+            .basic_get(ss("prio-q"), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("a message");
+        assert_eq!(m.delivery.data, expected.as_bytes(), "after {how:?}");
+        tags.push(m.delivery.delivery_tag);
+    }
+    ch.basic_reject(tags[0], BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
+    ch.basic_reject(tags[1], BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
+    assert_eq!(
+        drain_bodies(&ch, "prio-q").await,
+        ["b9", "e9", "f200", "d5", "a1", "c0"],
+        "after {how:?}"
+    );
 }

@@ -78,19 +78,20 @@ struct ReadyEntry<M> {
     msg: M,
     /// Set once the message has been delivered (it is only ever back here by a requeue).
     redelivered: bool,
+    /// Its level in a priority queue (already capped at the queue's maximum); 0 elsewhere.
+    priority: u8,
 }
 
-/// The ready messages, in delivery order.
+/// The ready messages, in delivery order: one deque per priority level (a single one unless
+/// the queue has `x-max-priority`), the highest level first, FIFO within a level.
 ///
-/// Kept behind this small type so that later features change only it: per-message priority
-/// (`x-max-priority`) becomes one deque per priority, TTL expiry and max-length drop-head
-/// work at `front`/`pop_front`.
-///
-/// Invariants: entries are strictly increasing by `seq`; `bytes` is the sum of `sizer` over
-/// the entries (for `x-max-length-bytes`).
+/// Invariants: `levels` is never empty; each level's entries are strictly increasing by
+/// `seq` and have that level as their `priority`; `len` is the total number of entries and
+/// `bytes` the sum of `sizer` over them (for `x-max-length-bytes`).
 #[derive(Debug)]
 struct ReadyQueue<M> {
-    entries: ChunkedDeque<ReadyEntry<M>>,
+    levels: Vec<ChunkedDeque<ReadyEntry<M>>>,
+    len: usize,
     bytes: u64,
     sizer: fn(&M) -> u64,
 }
@@ -98,10 +99,40 @@ struct ReadyQueue<M> {
 impl<M> ReadyQueue<M> {
     fn new(sizer: fn(&M) -> u64) -> Self {
         ReadyQueue {
-            entries: ChunkedDeque::default(),
+            levels: vec![ChunkedDeque::default()],
+            len: 0,
             bytes: 0,
             sizer,
         }
+    }
+
+    /// Makes room for priorities 0..=max (on an empty queue).
+    fn set_max_priority(&mut self, max: u8) {
+        debug_assert!(self.is_empty());
+        self.levels = (0..=max).map(|_| ChunkedDeque::default()).collect();
+    }
+
+    fn max_priority(&self) -> u8 {
+        u8::try_from(self.levels.len() - 1).unwrap_or(u8::MAX)
+    }
+
+    /// The highest non-empty level. O(levels) at worst, O(1) without priorities.
+    fn top(&self) -> Option<&ChunkedDeque<ReadyEntry<M>>> {
+        self.levels.iter().rev().find(|l| !l.is_empty())
+    }
+
+    fn top_mut(&mut self) -> Option<&mut ChunkedDeque<ReadyEntry<M>>> {
+        self.levels.iter_mut().rev().find(|l| !l.is_empty())
+    }
+
+    fn level_mut(&mut self, priority: u8) -> &mut ChunkedDeque<ReadyEntry<M>> {
+        let last = self.levels.len() - 1;
+        let at = usize::from(priority).min(last);
+        &mut self.levels[at]
+    }
+
+    fn front(&self) -> Option<&ReadyEntry<M>> {
+        self.top().and_then(|l| l.front())
     }
 
     fn add(&mut self, entry: &ReadyEntry<M>) {
@@ -113,31 +144,37 @@ impl<M> ReadyQueue<M> {
     }
 
     fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
-    /// Appends a freshly published message; its seq is above every seq the queue has seen.
+    /// Appends a freshly published message at its level; its seq is above every seq the
+    /// queue has seen.
     fn push_back(&mut self, entry: ReadyEntry<M>) {
-        debug_assert!(self.entries.back().is_none_or(|b| b.seq < entry.seq));
         self.add(&entry);
-        self.entries.push_back(entry);
+        self.len += 1;
+        let level = self.level_mut(entry.priority);
+        debug_assert!(level.back().is_none_or(|b| b.seq < entry.seq));
+        level.push_back(entry);
     }
 
     fn pop_front(&mut self) -> Option<ReadyEntry<M>> {
-        let entry = self.entries.pop_front()?;
+        let entry = self.top_mut()?.pop_front()?;
+        self.len -= 1;
         self.sub(&entry);
         Some(entry)
     }
 
     /// Puts back an entry just taken by `pop_front` that could not be delivered.
     fn unpop_front(&mut self, entry: ReadyEntry<M>) {
-        debug_assert!(self.entries.front().is_none_or(|f| entry.seq < f.seq));
         self.add(&entry);
-        self.entries.push_front(entry);
+        self.len += 1;
+        let level = self.level_mut(entry.priority);
+        debug_assert!(level.front().is_none_or(|f| entry.seq < f.seq));
+        level.push_front(entry);
     }
 
     /// Inserts requeued entries at their original positions.
@@ -149,24 +186,33 @@ impl<M> ReadyQueue<M> {
         batch.sort_unstable_by_key(|e| e.seq);
         while let Some(entry) = batch.pop() {
             self.add(&entry);
-            match self.entries.front() {
+            self.len += 1;
+            let level = self.level_mut(entry.priority);
+            match level.front() {
                 Some(front) if front.seq < entry.seq => {
-                    let at = self.entries.partition_point(|e| e.seq < entry.seq);
-                    self.entries.insert(at, entry);
+                    let at = level.partition_point(|e| e.seq < entry.seq);
+                    level.insert(at, entry);
                 }
-                _ => self.entries.push_front(entry),
+                _ => level.push_front(entry),
             }
         }
     }
 
+    /// Every entry, in delivery order.
     fn drain(&mut self) -> Vec<M> {
         self.bytes = 0;
-        self.entries.drain().map(|e| e.msg).collect()
+        self.len = 0;
+        let mut out = Vec::new();
+        for level in self.levels.iter_mut().rev() {
+            out.extend(level.drain().map(|e| e.msg));
+        }
+        out
     }
 
+    /// Every entry, in delivery order.
     #[cfg(test)]
     fn iter(&self) -> impl Iterator<Item = &ReadyEntry<M>> {
-        self.entries.iter()
+        self.levels.iter().rev().flat_map(|l| l.iter())
     }
 }
 
@@ -182,6 +228,8 @@ struct Owner {
 struct Unacked<M> {
     msg: M,
     owner: Owner,
+    /// Its ready level, for a requeue.
+    priority: u8,
 }
 
 /// One queue's messages, consumers and unacked set. See the module docs for how to drive it.
@@ -233,30 +281,66 @@ impl<M> QueueCore<M> {
         self.consumers.is_single_active()
     }
 
-    /// Enqueues a message at the tail. O(1).
-    pub fn publish(&mut self, msg: M) -> MsgSeq {
-        self.enqueue(msg, false)
+    /// `x-max-priority`: messages are delivered highest priority first (FIFO within a
+    /// priority), priorities above `max` count as `max`. Set before any message is enqueued.
+    pub fn set_max_priority(&mut self, max: u8) {
+        self.ready.set_max_priority(max);
     }
 
-    /// Enqueues a message found by recovery at the tail; `redelivered` when it had been
-    /// delivered before the restart. O(1).
-    pub fn enqueue(&mut self, msg: M, redelivered: bool) -> MsgSeq {
+    /// The highest priority level (0 without `x-max-priority`).
+    pub fn max_priority(&self) -> u8 {
+        self.ready.max_priority()
+    }
+
+    /// Enqueues a message at the tail of its priority level. O(1).
+    pub fn publish(&mut self, msg: M, priority: u8) -> MsgSeq {
+        self.enqueue(msg, priority, false)
+    }
+
+    /// Enqueues a message found by recovery at the tail of its priority level; `redelivered`
+    /// when it had been delivered before the restart. O(1).
+    pub fn enqueue(&mut self, msg: M, priority: u8, redelivered: bool) -> MsgSeq {
         let seq = MsgSeq(self.next_seq);
         self.next_seq += 1;
         self.ready.push_back(ReadyEntry {
             seq,
             msg,
             redelivered,
+            priority: priority.min(self.ready.max_priority()),
         });
         seq
     }
 
-    /// The oldest ready message, if any. O(1).
-    pub fn front(&self) -> Option<&M> {
-        self.ready.entries.front().map(|e| &e.msg)
+    /// The oldest ready message of one priority level, if any. O(1).
+    pub fn front_at(&self, priority: u8) -> Option<&M> {
+        self.ready
+            .levels
+            .get(usize::from(priority))
+            .and_then(|l| l.front())
+            .map(|e| &e.msg)
     }
 
-    /// Removes the oldest ready message (x-overflow drop-head). O(1).
+    /// Removes the oldest ready message of one priority level (TTL expiry looks at the head
+    /// of every level). O(1).
+    pub fn drop_head_at(&mut self, priority: u8) -> Option<M> {
+        let entry = self
+            .ready
+            .levels
+            .get_mut(usize::from(priority))?
+            .pop_front()?;
+        self.ready.len -= 1;
+        self.ready.sub(&entry);
+        Some(entry.msg)
+    }
+
+    /// The next ready message to go (the oldest of the highest priority), if any. O(1)
+    /// without priorities.
+    pub fn front(&self) -> Option<&M> {
+        self.ready.front().map(|e| &e.msg)
+    }
+
+    /// Removes the next ready message to go (x-overflow drop-head; in a priority queue the
+    /// oldest of the highest priority, as RabbitMQ's). O(1) without priorities.
     pub fn drop_head(&mut self) -> Option<M> {
         self.ready.pop_front().map(|e| e.msg)
     }
@@ -308,6 +392,7 @@ impl<M> QueueCore<M> {
             self.hold_unacked(
                 entry.seq,
                 entry.msg.clone(),
+                entry.priority,
                 Owner {
                     channel: picked.key.channel,
                     consumer: Some(picked.id),
@@ -334,6 +419,7 @@ impl<M> QueueCore<M> {
             self.hold_unacked(
                 entry.seq,
                 entry.msg.clone(),
+                entry.priority,
                 Owner {
                     channel,
                     consumer: None,
@@ -363,6 +449,7 @@ impl<M> QueueCore<M> {
                 seq,
                 msg: unacked.msg,
                 redelivered: true,
+                priority: unacked.priority,
             }]);
             Some(Rejected::Requeued)
         } else {
@@ -381,6 +468,7 @@ impl<M> QueueCore<M> {
                     seq,
                     msg: u.msg,
                     redelivered: true,
+                    priority: u.priority,
                 })
             })
             .collect();
@@ -458,12 +546,19 @@ impl<M> QueueCore<M> {
         self.consumers.infos()
     }
 
-    fn hold_unacked(&mut self, seq: MsgSeq, msg: M, owner: Owner) {
+    fn hold_unacked(&mut self, seq: MsgSeq, msg: M, priority: u8, owner: Owner) {
         self.unacked_by_channel
             .entry(owner.channel)
             .or_default()
             .insert(seq);
-        self.unacked.insert(seq, Unacked { msg, owner });
+        self.unacked.insert(
+            seq,
+            Unacked {
+                msg,
+                owner,
+                priority,
+            },
+        );
     }
 
     /// Takes `seq` out of the unacked set and returns its consumer's credit.
@@ -496,8 +591,16 @@ impl<M> QueueCore<M> {
     #[cfg(test)]
     fn check_invariants(&self) {
         self.consumers.check_invariants();
+        for (p, level) in self.ready.levels.iter().enumerate() {
+            let seqs: Vec<MsgSeq> = level.iter().map(|e| e.seq).collect();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "each level sorted by seq"
+            );
+            assert!(level.iter().all(|e| usize::from(e.priority) == p));
+        }
+        assert_eq!(self.ready.len, self.ready.iter().count());
         let ready: Vec<MsgSeq> = self.ready.iter().map(|e| e.seq).collect();
-        assert!(ready.windows(2).all(|w| w[0] < w[1]), "ready sorted by seq");
         for seq in &ready {
             assert!(seq.0 < self.next_seq);
             assert!(!self.unacked.contains_key(seq));
@@ -530,7 +633,7 @@ mod tests {
     fn ready_bytes_follow_every_move_and_drop_head_takes_the_oldest() {
         let mut q: QueueCore<u64> = QueueCore::with_sizer(|m| *m);
         for size in [10u64, 20, 30] {
-            q.publish(size);
+            q.publish(size, 0);
         }
         assert_eq!(q.ready_bytes(), 60);
         let got = q.get(ChannelKey(1), false).unwrap();
@@ -581,7 +684,7 @@ mod tests {
     fn publish_then_consume_in_order() {
         let mut q = QueueCore::new();
         for m in 0..5 {
-            assert_eq!(q.publish(m), MsgSeq(u64::from(m)));
+            assert_eq!(q.publish(m, 0), MsgSeq(u64::from(m)));
         }
         assert_eq!(q.message_count(), 5);
         q.add_consumer(spec(1, "c", 0)).unwrap();
@@ -601,7 +704,7 @@ mod tests {
     #[test]
     fn no_consumer_no_delivery() {
         let mut q = QueueCore::new();
-        q.publish(1);
+        q.publish(1, 0);
         assert!(q.next_delivery(&mut always).is_none());
         assert_eq!(q.message_count(), 1);
         q.check_invariants();
@@ -614,7 +717,7 @@ mod tests {
         s.no_ack = true;
         q.add_consumer(s).unwrap();
         for m in 0..3 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let got = drain(&mut q);
         assert_eq!(got.len(), 3, "prefetch does not limit no-ack consumers");
@@ -628,7 +731,7 @@ mod tests {
         let mut q = QueueCore::new();
         q.add_consumer(spec(1, "c", 2)).unwrap();
         for m in 0..5 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let got = drain(&mut q);
         assert_eq!(got.len(), 2);
@@ -646,7 +749,7 @@ mod tests {
             q.add_consumer(spec(1, tag, 0)).unwrap();
         }
         for m in 0..300 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let got = drain(&mut q);
         let mut counts: HashMap<String, usize> = HashMap::default();
@@ -667,7 +770,7 @@ mod tests {
         .unwrap();
         q.add_consumer(spec(2, "lo", 0)).unwrap();
         for m in 0..5 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let got: Vec<_> = drain(&mut q)
             .into_iter()
@@ -689,7 +792,7 @@ mod tests {
         q.add_consumer(spec(1, "a", 0)).unwrap();
         q.add_consumer(spec(2, "b", 0)).unwrap();
         for m in 0..4 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         // Channel 1 has a global limit of 1 that the closure reserves from.
         let mut left_1 = 1;
@@ -716,13 +819,13 @@ mod tests {
         let mut q = QueueCore::new();
         q.add_consumer(spec(1, "c", 0)).unwrap();
         for m in 0..7 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let got = drain(&mut q);
         assert_eq!(got.len(), 7);
         q.cancel_consumer(&key(1, "c"));
-        q.publish(7);
-        q.publish(8);
+        q.publish(7, 0);
+        q.publish(8, 0);
         assert_eq!(q.requeue([MsgSeq(5), MsgSeq(3)]), 2);
         assert_eq!(
             ready(&q),
@@ -747,11 +850,70 @@ mod tests {
     }
 
     #[test]
+    fn priority_levels_deliver_highest_first_fifo_within_and_cap_at_the_maximum() {
+        let mut q = QueueCore::new();
+        q.set_max_priority(5);
+        assert_eq!(q.max_priority(), 5);
+        // (message, priority): 9 is above the maximum and counts as 5.
+        for (m, p) in [(1, 0), (2, 3), (3, 9), (4, 3), (5, 0), (6, 5)] {
+            q.publish(m, p);
+        }
+        q.check_invariants();
+        assert_eq!(q.front(), Some(&3));
+        assert_eq!(
+            ready(&q).iter().map(|e| e.1).collect::<Vec<_>>(),
+            [3, 6, 2, 4, 1, 5]
+        );
+        // basic.get takes the next in that order; drop-head too.
+        let got = q.get(ChannelKey(9), false).unwrap();
+        assert_eq!((got.msg, got.remaining), (3, 5));
+        assert_eq!(q.drop_head(), Some(6));
+        // A requeued message goes back to its own level, before younger ones there.
+        assert_eq!(q.reject(got.seq, true), Some(Rejected::Requeued));
+        assert_eq!(q.front(), Some(&3));
+        // Each level's head, for TTL expiry.
+        assert_eq!(
+            (q.front_at(3), q.front_at(0), q.front_at(4)),
+            (Some(&2), Some(&1), None)
+        );
+        assert_eq!(q.drop_head_at(0), Some(1));
+        assert_eq!(q.drop_head_at(99), None);
+        q.check_invariants();
+        q.add_consumer(spec(1, "c", 0)).unwrap();
+        let got = drain(&mut q);
+        assert_eq!(
+            got.iter()
+                .map(|d| (d.msg, d.redelivered))
+                .collect::<Vec<_>>(),
+            [(3, true), (2, false), (4, false), (5, false)]
+        );
+        // Unacked messages requeued by a channel close keep their levels as well.
+        assert_eq!(q.channel_closed(ChannelKey(1)).requeued, 4);
+        assert_eq!(
+            ready(&q).iter().map(|e| e.1).collect::<Vec<_>>(),
+            [3, 2, 4, 5]
+        );
+        assert_eq!(q.purge(), vec![3, 2, 4, 5]);
+        assert_eq!((q.message_count(), q.ready_bytes()), (0, 0));
+        q.check_invariants();
+    }
+
+    #[test]
+    fn without_priorities_the_property_is_ignored() {
+        let mut q = QueueCore::new();
+        for (m, p) in [(1, 0), (2, 9), (3, 4)] {
+            q.publish(m, p);
+        }
+        assert_eq!(ready(&q).iter().map(|e| e.1).collect::<Vec<_>>(), [1, 2, 3]);
+        q.check_invariants();
+    }
+
+    #[test]
     fn reject_requeue_and_drop() {
         let mut q = QueueCore::new();
         q.add_consumer(spec(1, "c", 1)).unwrap();
-        q.publish(10);
-        q.publish(11);
+        q.publish(10, 0);
+        q.publish(11, 0);
         let d = drain(&mut q);
         assert_eq!(d.len(), 1);
         assert_eq!(q.reject(d[0].seq, true), Some(Rejected::Requeued));
@@ -767,8 +929,8 @@ mod tests {
     fn cancel_keeps_unacked_until_channel_close() {
         let mut q = QueueCore::new();
         q.add_consumer(spec(1, "c", 0)).unwrap();
-        q.publish(1);
-        q.publish(2);
+        q.publish(1, 0);
+        q.publish(2, 0);
         let d = drain(&mut q);
         assert_eq!(d.len(), 2);
         assert!(q.cancel_consumer(&key(1, "c")));
@@ -792,11 +954,11 @@ mod tests {
         q.add_consumer(spec(1, "b", 0)).unwrap();
         q.add_consumer(spec(2, "x", 0)).unwrap();
         for m in 0..6 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let d = drain(&mut q);
         assert_eq!(d.len(), 6);
-        q.publish(6);
+        q.publish(6, 0);
         let g = q.get(ChannelKey(1), false).unwrap();
         assert_eq!(g.msg, 6);
         let out = q.channel_closed(ChannelKey(1));
@@ -832,7 +994,7 @@ mod tests {
         let mut q = QueueCore::new();
         assert!(q.get(ChannelKey(1), true).is_none());
         for m in 0..3 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let g = q.get(ChannelKey(1), true).unwrap();
         assert_eq!((g.msg, g.remaining, g.redelivered), (0, 2, false));
@@ -851,9 +1013,9 @@ mod tests {
     fn get_does_not_consume_consumer_credit() {
         let mut q = QueueCore::new();
         q.add_consumer(spec(1, "c", 1)).unwrap();
-        q.publish(0);
+        q.publish(0, 0);
         q.get(ChannelKey(1), false).unwrap();
-        q.publish(1);
+        q.publish(1, 0);
         let d = drain(&mut q);
         assert_eq!(d.len(), 1);
         assert_eq!(q.consumer(&key(1, "c")).unwrap().unacked, 1);
@@ -864,7 +1026,7 @@ mod tests {
         let mut q = QueueCore::new();
         q.add_consumer(spec(1, "c", 2)).unwrap();
         for m in 0..5 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let d = drain(&mut q);
         assert_eq!(d.len(), 2);
@@ -911,7 +1073,7 @@ mod tests {
             q.add_consumer(spec(i, "c", 5)).unwrap();
         }
         for m in 0..100_000 {
-            q.publish(m);
+            q.publish(m, 0);
         }
         let mut delivered = 0;
         loop {
@@ -1098,7 +1260,7 @@ mod model {
             match op {
                 Op::Publish => {
                     let msg = m.published as u32;
-                    let seq = q.publish(msg);
+                    let seq = q.publish(msg, 0);
                     assert_eq!(seq.0, m.next);
                     m.ready.push((m.next, msg, false));
                     m.next += 1;

@@ -207,15 +207,19 @@ impl PendingDispatch {
 #[derive(Debug)]
 pub struct RecoveredIndex(QueueCore<QMsg>);
 
-impl Default for RecoveredIndex {
-    fn default() -> Self {
-        RecoveredIndex(QueueCore::with_sizer(QMsg::size))
-    }
-}
-
 impl RecoveredIndex {
+    /// For a queue declared with `arguments` (its `x-max-priority` decides the levels).
+    pub fn for_arguments(arguments: &FieldTable) -> RecoveredIndex {
+        let mut core = QueueCore::with_sizer(QMsg::size);
+        if let Some(max) = Limits::from_arguments(arguments).max_priority {
+            core.set_max_priority(max);
+        }
+        RecoveredIndex(core)
+    }
+
+    /// A stored record's `flags` byte is the message's priority (see [`Queue::publish`]).
     pub fn push(&mut self, m: RecoveredMessage) {
-        self.0.enqueue(QMsg::Stored(m.loc), m.delivered);
+        self.0.enqueue(QMsg::Stored(m.loc), m.flags, m.delivered);
     }
 }
 
@@ -291,6 +295,8 @@ pub struct Limits {
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
+    /// `x-max-priority`: a priority queue with levels 0..=this.
+    pub max_priority: Option<u8>,
 }
 
 impl Limits {
@@ -316,6 +322,7 @@ impl Limits {
             max_length: int("x-max-length"),
             max_length_bytes: int("x-max-length-bytes"),
             overflow,
+            max_priority: int("x-max-priority").and_then(|v| u8::try_from(v).ok()),
         }
     }
 
@@ -608,6 +615,9 @@ impl Queue {
     ) -> Arc<Queue> {
         let mut core = QueueCore::with_sizer(QMsg::size);
         core.set_single_active_consumer(single_active_consumer(&props.arguments));
+        if let Some(max) = props.limits.max_priority {
+            core.set_max_priority(max);
+        }
         Arc::new(Queue {
             name,
             vhost,
@@ -717,10 +727,16 @@ impl Queue {
             }
         }
         let mut outcome = Enqueued::Accepted;
+        // Only a priority queue looks at the property (others have the one level 0).
+        let priority = match limits.max_priority {
+            Some(max) => msg.priority().min(max),
+            None => 0,
+        };
         let entry = match st.store.as_mut() {
             Some(store) if msg.is_persistent() => {
+                // The record's flags byte keeps the priority for recovery.
                 let stored = StoredMessage {
-                    flags: 0,
+                    flags: priority,
                     timestamp_ms: crate::message::now_ms(),
                     exchange: msg.exchange(),
                     routing_key: msg.routing_key(),
@@ -755,7 +771,7 @@ impl Queue {
             }
             _ => QMsg::Mem(msg),
         };
-        let seq = st.core.publish(entry);
+        let seq = st.core.publish(entry, priority);
         if let Some(pending) = defer {
             drop(st);
             pending.note(self);
@@ -782,28 +798,31 @@ impl Queue {
         let ttl = self.props.limits.message_ttl;
         let now = std::time::Instant::now();
         let mut dropped = 0;
-        while let Some(front) = st.core.front().cloned() {
-            let head = match &front {
-                QMsg::Mem(m) => m.clone(),
-                QMsg::Cached(c) => c.1.clone(),
-                // Reading a paged-out head back costs a disk read: only worth it when the
-                // queue itself has a TTL; a per-message TTL alone is applied at delivery.
-                _ if ttl.is_none() => break,
-                _ => match st.load(&front, self.memory, &self.name) {
-                    Some(m) => m,
-                    None => {
-                        st.core.drop_head();
-                        continue;
-                    }
-                },
-            };
-            if !head.is_expired(ttl, now) {
-                break;
+        // Every priority level has its own head (a single level without x-max-priority).
+        for level in (0..=st.core.max_priority()).rev() {
+            while let Some(front) = st.core.front_at(level).cloned() {
+                let head = match &front {
+                    QMsg::Mem(m) => m.clone(),
+                    QMsg::Cached(c) => c.1.clone(),
+                    // Reading a paged-out head back costs a disk read: only worth it when the
+                    // queue itself has a TTL; a per-message TTL alone is applied at delivery.
+                    _ if ttl.is_none() => break,
+                    _ => match st.load(&front, self.memory, &self.name) {
+                        Some(m) => m,
+                        None => {
+                            st.core.drop_head_at(level);
+                            continue;
+                        }
+                    },
+                };
+                if !head.is_expired(ttl, now) {
+                    break;
+                }
+                st.core.drop_head_at(level);
+                self.dead_letter(&mut st, &front, Some(head), DeathReason::Expired);
+                st.forget(&front, &self.name);
+                dropped += 1;
             }
-            st.core.drop_head();
-            self.dead_letter(&mut st, &front, Some(head), DeathReason::Expired);
-            st.forget(&front, &self.name);
-            dropped += 1;
         }
         dropped
     }
