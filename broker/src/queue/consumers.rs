@@ -324,6 +324,7 @@ impl ConsumerSet {
     /// nothing: they are parked out of the line.
     ///
     /// The caller must have a message for the pick: the charge is not undone.
+    #[inline]
     pub fn pick(
         &mut self,
         channel_has_credit: &mut impl FnMut(ChannelKey) -> bool,

@@ -85,12 +85,17 @@ struct ReadyEntry<M> {
 /// The ready messages, in delivery order: one deque per priority level (a single one unless
 /// the queue has `x-max-priority`), the highest level first, FIFO within a level.
 ///
-/// Invariants: `levels` is never empty; each level's entries are strictly increasing by
-/// `seq` and have that level as their `priority`; `len` is the total number of entries and
-/// `bytes` the sum of `sizer` over them (for `x-max-length-bytes`).
+/// Level 0 is `base`; levels 1..=max are `higher[0..max]`, so a queue without priorities
+/// pays one comparison for them.
+///
+/// Invariants: each level's entries are strictly increasing by `seq` and have that level as
+/// their `priority`; `higher_len` is the number of entries in `higher`, `len` the number in
+/// all levels, and `bytes` the sum of `sizer` over them (for `x-max-length-bytes`).
 #[derive(Debug)]
 struct ReadyQueue<M> {
-    levels: Vec<ChunkedDeque<ReadyEntry<M>>>,
+    base: ChunkedDeque<ReadyEntry<M>>,
+    higher: Vec<ChunkedDeque<ReadyEntry<M>>>,
+    higher_len: usize,
     len: usize,
     bytes: u64,
     sizer: fn(&M) -> u64,
@@ -99,7 +104,9 @@ struct ReadyQueue<M> {
 impl<M> ReadyQueue<M> {
     fn new(sizer: fn(&M) -> u64) -> Self {
         ReadyQueue {
-            levels: vec![ChunkedDeque::default()],
+            base: ChunkedDeque::default(),
+            higher: Vec::new(),
+            higher_len: 0,
             len: 0,
             bytes: 0,
             sizer,
@@ -109,26 +116,84 @@ impl<M> ReadyQueue<M> {
     /// Makes room for priorities 0..=max (on an empty queue).
     fn set_max_priority(&mut self, max: u8) {
         debug_assert!(self.is_empty());
-        self.levels = (0..=max).map(|_| ChunkedDeque::default()).collect();
+        self.higher = (0..max).map(|_| ChunkedDeque::default()).collect();
     }
 
     fn max_priority(&self) -> u8 {
-        u8::try_from(self.levels.len() - 1).unwrap_or(u8::MAX)
+        u8::try_from(self.higher.len()).unwrap_or(u8::MAX)
     }
 
-    /// The highest non-empty level. O(levels) at worst, O(1) without priorities.
+    /// The priority of the highest non-empty level. O(1) without priorities or while only
+    /// level 0 holds messages, O(levels) at worst.
+    #[inline]
+    fn top_priority(&self) -> Option<u8> {
+        if self.higher_len > 0 {
+            let i = self.higher.iter().rposition(|l| !l.is_empty())?;
+            return u8::try_from(i + 1).ok();
+        }
+        (!self.base.is_empty()).then_some(0)
+    }
+
     fn top(&self) -> Option<&ChunkedDeque<ReadyEntry<M>>> {
-        self.levels.iter().rev().find(|l| !l.is_empty())
+        if self.higher_len > 0 {
+            return self.higher.iter().rev().find(|l| !l.is_empty());
+        }
+        (!self.base.is_empty()).then_some(&self.base)
     }
 
-    fn top_mut(&mut self) -> Option<&mut ChunkedDeque<ReadyEntry<M>>> {
-        self.levels.iter_mut().rev().find(|l| !l.is_empty())
-    }
-
+    /// The level of `priority` (capped at the maximum).
+    #[inline]
     fn level_mut(&mut self, priority: u8) -> &mut ChunkedDeque<ReadyEntry<M>> {
-        let last = self.levels.len() - 1;
-        let at = usize::from(priority).min(last);
-        &mut self.levels[at]
+        if priority == 0 {
+            return &mut self.base;
+        }
+        let capped = usize::from(priority).min(self.higher.len());
+        match capped.checked_sub(1).and_then(|i| self.higher.get_mut(i)) {
+            Some(level) => level,
+            None => &mut self.base,
+        }
+    }
+
+    /// Exactly level `priority`, if the queue has it.
+    fn level_exact(&self, priority: u8) -> Option<&ChunkedDeque<ReadyEntry<M>>> {
+        match usize::from(priority).checked_sub(1) {
+            None => Some(&self.base),
+            Some(i) => self.higher.get(i),
+        }
+    }
+
+    /// Takes the head of exactly level `priority`.
+    #[inline]
+    fn pop_level(&mut self, priority: u8) -> Option<ReadyEntry<M>> {
+        let entry = match usize::from(priority).checked_sub(1) {
+            None => self.base.pop_front()?,
+            Some(i) => {
+                let entry = self.higher.get_mut(i)?.pop_front()?;
+                self.higher_len -= 1;
+                entry
+            }
+        };
+        self.len -= 1;
+        self.sub(&entry);
+        Some(entry)
+    }
+
+    /// Counts an entry going into its level.
+    #[inline]
+    fn entered(&mut self, entry: &ReadyEntry<M>) {
+        self.add(entry);
+        self.len += 1;
+        if entry.priority > 0 {
+            self.higher_len += 1;
+        }
+    }
+
+    /// The levels, lowest first, with their priorities.
+    #[cfg(test)]
+    fn levels(&self) -> impl Iterator<Item = (usize, &ChunkedDeque<ReadyEntry<M>>)> {
+        std::iter::once(&self.base)
+            .chain(self.higher.iter())
+            .enumerate()
     }
 
     fn front(&self) -> Option<&ReadyEntry<M>> {
@@ -153,25 +218,31 @@ impl<M> ReadyQueue<M> {
 
     /// Appends a freshly published message at its level; its seq is above every seq the
     /// queue has seen.
+    #[inline]
     fn push_back(&mut self, entry: ReadyEntry<M>) {
-        self.add(&entry);
-        self.len += 1;
+        self.entered(&entry);
         let level = self.level_mut(entry.priority);
         debug_assert!(level.back().is_none_or(|b| b.seq < entry.seq));
         level.push_back(entry);
     }
 
+    #[inline]
     fn pop_front(&mut self) -> Option<ReadyEntry<M>> {
-        let entry = self.top_mut()?.pop_front()?;
-        self.len -= 1;
-        self.sub(&entry);
-        Some(entry)
+        if self.higher_len == 0 {
+            // Every queue without priorities, and priority queues holding only level 0.
+            let entry = self.base.pop_front()?;
+            self.len -= 1;
+            self.sub(&entry);
+            return Some(entry);
+        }
+        let priority = self.top_priority()?;
+        self.pop_level(priority)
     }
 
     /// Puts back an entry just taken by `pop_front` that could not be delivered.
+    #[inline]
     fn unpop_front(&mut self, entry: ReadyEntry<M>) {
-        self.add(&entry);
-        self.len += 1;
+        self.entered(&entry);
         let level = self.level_mut(entry.priority);
         debug_assert!(level.front().is_none_or(|f| entry.seq < f.seq));
         level.push_front(entry);
@@ -185,8 +256,7 @@ impl<M> ReadyQueue<M> {
     fn requeue(&mut self, mut batch: Vec<ReadyEntry<M>>) {
         batch.sort_unstable_by_key(|e| e.seq);
         while let Some(entry) = batch.pop() {
-            self.add(&entry);
-            self.len += 1;
+            self.entered(&entry);
             let level = self.level_mut(entry.priority);
             match level.front() {
                 Some(front) if front.seq < entry.seq => {
@@ -202,17 +272,23 @@ impl<M> ReadyQueue<M> {
     fn drain(&mut self) -> Vec<M> {
         self.bytes = 0;
         self.len = 0;
+        self.higher_len = 0;
         let mut out = Vec::new();
-        for level in self.levels.iter_mut().rev() {
+        for level in self.higher.iter_mut().rev() {
             out.extend(level.drain().map(|e| e.msg));
         }
+        out.extend(self.base.drain().map(|e| e.msg));
         out
     }
 
     /// Every entry, in delivery order.
     #[cfg(test)]
     fn iter(&self) -> impl Iterator<Item = &ReadyEntry<M>> {
-        self.levels.iter().rev().flat_map(|l| l.iter())
+        self.higher
+            .iter()
+            .rev()
+            .chain(std::iter::once(&self.base))
+            .flat_map(|l| l.iter())
     }
 }
 
@@ -306,7 +382,11 @@ impl<M> QueueCore<M> {
             seq,
             msg,
             redelivered,
-            priority: priority.min(self.ready.max_priority()),
+            priority: if priority == 0 {
+                0
+            } else {
+                priority.min(self.ready.max_priority())
+            },
         });
         seq
     }
@@ -314,8 +394,7 @@ impl<M> QueueCore<M> {
     /// The oldest ready message of one priority level, if any. O(1).
     pub fn front_at(&self, priority: u8) -> Option<&M> {
         self.ready
-            .levels
-            .get(usize::from(priority))
+            .level_exact(priority)
             .and_then(|l| l.front())
             .map(|e| &e.msg)
     }
@@ -323,14 +402,7 @@ impl<M> QueueCore<M> {
     /// Removes the oldest ready message of one priority level (TTL expiry looks at the head
     /// of every level). O(1).
     pub fn drop_head_at(&mut self, priority: u8) -> Option<M> {
-        let entry = self
-            .ready
-            .levels
-            .get_mut(usize::from(priority))?
-            .pop_front()?;
-        self.ready.len -= 1;
-        self.ready.sub(&entry);
-        Some(entry.msg)
+        self.ready.pop_level(priority).map(|e| e.msg)
     }
 
     /// The next ready message to go (the oldest of the highest priority), if any. O(1)
@@ -591,7 +663,15 @@ impl<M> QueueCore<M> {
     #[cfg(test)]
     fn check_invariants(&self) {
         self.consumers.check_invariants();
-        for (p, level) in self.ready.levels.iter().enumerate() {
+        assert_eq!(
+            self.ready.higher_len,
+            self.ready
+                .higher
+                .iter()
+                .map(ChunkedDeque::len)
+                .sum::<usize>()
+        );
+        for (p, level) in self.ready.levels() {
             let seqs: Vec<MsgSeq> = level.iter().map(|e| e.seq).collect();
             assert!(
                 seqs.windows(2).all(|w| w[0] < w[1]),
