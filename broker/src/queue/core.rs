@@ -1254,6 +1254,8 @@ mod model {
 
     #[derive(Debug, Default)]
     struct Model {
+        /// The queue's `x-max-priority`; message `m` has priority `m % 4`.
+        max_priority: Option<u8>,
         next: u64,
         ready: Vec<(u64, u32, bool)>,
         unacked: Vec<ModelUnacked>,
@@ -1294,7 +1296,16 @@ mod model {
                 let u = self.unacked.remove(i);
                 self.ready.push((u.seq, u.msg, true));
             }
-            self.ready.sort_by_key(|e| e.0);
+            self.sort_ready();
+        }
+
+        /// Delivery order: highest level first (priorities above the maximum count as the
+        /// maximum; all are 0 without one), then publish order.
+        fn sort_ready(&mut self) {
+            let max = self.max_priority;
+            let level = |msg: u32| max.map_or(0, |mx| priority_of(msg).min(mx));
+            self.ready
+                .sort_by_key(|e| (std::cmp::Reverse(level(e.1)), e.0));
         }
     }
 
@@ -1333,16 +1344,27 @@ mod model {
         (len > 0).then(|| i % len)
     }
 
-    fn run(ops: Vec<Op>) {
+    fn priority_of(msg: u32) -> u8 {
+        (msg % 4) as u8
+    }
+
+    fn run(ops: Vec<Op>, max_priority: Option<u8>) {
         let mut q: QueueCore<u32> = QueueCore::new();
-        let mut m = Model::default();
+        if let Some(max) = max_priority {
+            q.set_max_priority(max);
+        }
+        let mut m = Model {
+            max_priority,
+            ..Model::default()
+        };
         for op in ops {
             match op {
                 Op::Publish => {
                     let msg = m.published as u32;
-                    let seq = q.publish(msg, 0);
+                    let seq = q.publish(msg, priority_of(msg));
                     assert_eq!(seq.0, m.next);
                     m.ready.push((m.next, msg, false));
+                    m.sort_ready();
                     m.next += 1;
                     m.published += 1;
                 }
@@ -1534,7 +1556,13 @@ mod model {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
         #[test]
         fn queue_core_matches_model(ops in prop::collection::vec(op(), 1..120)) {
-            run(ops);
+            run(ops, None);
+        }
+
+        /// The same with `x-max-priority` 2 and message priorities 0 to 3.
+        #[test]
+        fn priority_queue_core_matches_model(ops in prop::collection::vec(op(), 1..120)) {
+            run(ops, Some(2));
         }
     }
 }
