@@ -31,7 +31,23 @@ use crate::queue::handle::{
     PendingStoreWrites, Queue, SyncKind,
 };
 use crate::tags::TagMap;
-use crate::vhost::{check_exclusive, QueueDeclare, VHost};
+use crate::vhost::{check_exclusive, DirectReplySink, QueueDeclare, VHost};
+
+/// The pseudo-queue of direct reply-to: consumed (no-ack) by an RPC client, named as
+/// `reply_to` in its requests.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// What a request's `reply_to` becomes: this, then the channel's own suffix.
+const DIRECT_REPLY_PREFIX: &str = "amq.rabbitmq.reply-to.";
+/// The `reply-to` bit of a content header's property flags.
+const REPLY_TO_FLAG: u16 = 1 << 9;
+
+/// A channel's direct reply-to consumer.
+#[derive(Debug, Clone)]
+struct ReplyConsumer {
+    tag: Arc<str>,
+    /// `amq.rabbitmq.reply-to.<suffix>`: what requests' `reply_to` is rewritten to.
+    name: Arc<str>,
+}
 
 /// What a channel needs from its connection while handling one command.
 pub struct ConnCtx<'a> {
@@ -107,6 +123,8 @@ pub struct Channel {
     unsynced_queues: Vec<Arc<Queue>>,
     /// Reused between publishes: the queues that stored the message being published.
     persisted: Vec<Arc<Queue>>,
+    /// At most one per channel, as in RabbitMQ.
+    reply_consumer: Option<ReplyConsumer>,
 }
 
 impl Channel {
@@ -129,11 +147,15 @@ impl Channel {
             unsynced: Vec::new(),
             unsynced_queues: Vec::new(),
             persisted: Vec::new(),
+            reply_consumer: None,
         }
     }
 
     /// Gives back everything the channel holds: consumers go, unacked messages are requeued.
     pub fn release(&mut self, vhost: &Arc<VHost>) {
+        if let Some(reply) = self.reply_consumer.take() {
+            vhost.unregister_direct_reply(&reply.name);
+        }
         self.unacked.clear();
         self.consumers.clear();
         for (_, queue) in self.touched.drain() {
@@ -321,6 +343,24 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         match m {
             queue::AMQPMethod::Declare(d) => {
+                // The direct reply-to pseudo-queues exist for any declare, passive or not, as
+                // in RabbitMQ: always empty, with their one consumer.
+                let asked = d.queue.as_str();
+                if asked == DIRECT_REPLY_TO
+                    || (asked.starts_with(DIRECT_REPLY_PREFIX) && ctx.vhost.has_direct_reply(asked))
+                {
+                    self.last_queue = Some(Arc::from(asked));
+                    self.reply(
+                        ctx,
+                        d.nowait,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: d.queue.clone(),
+                            message_count: 0,
+                            consumer_count: 1,
+                        })),
+                    );
+                    return Ok(());
+                }
                 // An empty name is a request for a server-named queue; a passive declare takes
                 // it literally (RabbitMQ: "no queue '' in vhost '/'"), not as the last queue.
                 let name: Arc<str> = if d.queue.as_str().is_empty() && !d.passive {
@@ -450,7 +490,11 @@ impl Channel {
             basic::AMQPMethod::Consume(c) => self.consume(ctx, c),
             basic::AMQPMethod::Cancel(c) => {
                 let tag: Arc<str> = Arc::from(c.consumer_tag.as_str());
-                if let Some(queue) = self.consumers.remove(&tag) {
+                if self.reply_consumer.as_ref().is_some_and(|r| r.tag == tag) {
+                    if let Some(reply) = self.reply_consumer.take() {
+                        ctx.vhost.unregister_direct_reply(&reply.name);
+                    }
+                } else if let Some(queue) = self.consumers.remove(&tag) {
                     let key = ConsumerKey::new(self.key, tag.clone());
                     if queue.cancel(&key) {
                         ctx.vhost.delete_queue_if_same(&queue);
@@ -561,17 +605,11 @@ impl Channel {
     }
 
     fn consume(&mut self, ctx: &mut ConnCtx<'_>, c: basic::Consume) -> Result<(), AmqpError> {
-        let queue = self.find_queue(ctx, c.queue.as_str())?;
-        let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
-            Arc::from(format!("amq.ctag-{}", random_suffix(ctx)))
-        } else {
-            Arc::from(c.consumer_tag.as_str())
-        };
-        if self.consumers.contains_key(&tag) {
-            return Err(AmqpError::not_allowed(format!(
-                "attempt to reuse consumer tag '{tag}'"
-            )));
+        if c.queue.as_str() == DIRECT_REPLY_TO {
+            return self.consume_direct_reply(ctx, c);
         }
+        let queue = self.find_queue(ctx, c.queue.as_str())?;
+        let tag = self.new_consumer_tag(ctx, &c)?;
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
             Some(v) => match (
@@ -619,6 +657,91 @@ impl Channel {
         Ok(())
     }
 
+    /// The consumer tag of a basic.consume: the client's, or generated. A tag in use on the
+    /// channel is a connection error (530), as in RabbitMQ.
+    fn new_consumer_tag(
+        &self,
+        ctx: &ConnCtx<'_>,
+        c: &basic::Consume,
+    ) -> Result<Arc<str>, AmqpError> {
+        let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
+            Arc::from(format!("amq.ctag-{}", random_suffix(ctx)))
+        } else {
+            Arc::from(c.consumer_tag.as_str())
+        };
+        if self.consumers.contains_key(&tag)
+            || self.reply_consumer.as_ref().is_some_and(|r| r.tag == tag)
+        {
+            return Err(AmqpError::not_allowed(format!(
+                "attempt to reuse consumer tag '{tag}'"
+            )));
+        }
+        Ok(tag)
+    }
+
+    /// basic.consume of `amq.rabbitmq.reply-to`: the channel's direct reply-to consumer,
+    /// no-ack only and one per channel (RabbitMQ's checks, in its order).
+    fn consume_direct_reply(
+        &mut self,
+        ctx: &mut ConnCtx<'_>,
+        c: basic::Consume,
+    ) -> Result<(), AmqpError> {
+        let tag = self.new_consumer_tag(ctx, &c)?;
+        if !c.no_ack {
+            return Err(AmqpError::precondition_failed(
+                "reply consumer cannot acknowledge",
+            ));
+        }
+        if self.reply_consumer.is_some() {
+            return Err(AmqpError::precondition_failed("reply consumer already set"));
+        }
+        // Unguessable, so that only those the client sent it to can reply.
+        let name: Arc<str> = Arc::from(format!(
+            "{DIRECT_REPLY_PREFIX}{}.{}",
+            random_suffix(ctx),
+            random_suffix(ctx)
+        ));
+        ctx.vhost.register_direct_reply(
+            name.clone(),
+            DirectReplySink {
+                events: ctx.events.clone(),
+                channel: self.key,
+                channel_id: self.id,
+            },
+        );
+        self.reply_consumer = Some(ReplyConsumer {
+            tag: tag.clone(),
+            name,
+        });
+        self.reply(
+            ctx,
+            c.nowait,
+            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                consumer_tag: short_string(&tag),
+            })),
+        );
+        Ok(())
+    }
+
+    /// A reply for this channel's direct reply-to consumer `name`: delivered unless that
+    /// consumer has gone since. Replies take no delivery tag of their own (no-ack): they
+    /// carry the channel's next tag without using it up, as RabbitMQ's do.
+    pub fn deliver_direct_reply(&mut self, ctx: &mut ConnCtx<'_>, name: &str, msg: &Message) {
+        let Some(reply) = self.reply_consumer.as_ref().filter(|r| &*r.name == name) else {
+            return;
+        };
+        encode_basic_deliver(
+            ctx.out,
+            self.id,
+            reply.tag.as_bytes(),
+            self.next_delivery_tag,
+            false,
+            msg.exchange(),
+            msg.routing_key(),
+        );
+        encode_message(ctx, self.id, msg);
+    }
+
     fn publish(
         &mut self,
         ctx: &mut ConnCtx<'_>,
@@ -653,6 +776,9 @@ impl Channel {
             .headers()
             .map_err(|e| AmqpError::syntax_error(e.reply_text()))?;
         let mut header = content.header;
+        if header.property_flags() & REPLY_TO_FLAG != 0 {
+            header = self.rewrite_direct_reply_to(header)?;
+        }
         let mut cc_bcc: Vec<Bytes> = Vec::new();
         if let Some(table) = &headers {
             // As rabbit_basic:header_routes: arrays of longstr; any other type is refused.
@@ -688,6 +814,11 @@ impl Channel {
             }
         }
         let routing_key = p.routing_key.clone();
+        if p.exchange.is_empty() && routing_key.starts_with(DIRECT_REPLY_PREFIX.as_bytes()) {
+            let msg = build_message(ctx, &p.exchange, &routing_key, &header, &content.body, ttl);
+            self.publish_direct_reply(ctx, &p, &msg);
+            return Ok(());
+        }
         // Publishers mostly repeat the same exchange and key: reuse the last route while the
         // vhost's topology is unchanged. Headers and CC/BCC keys also decide routes, so only
         // messages without them use the cache.
@@ -725,22 +856,7 @@ impl Channel {
         let mut persisted = std::mem::take(&mut self.persisted);
         persisted.clear();
         let result = routed.map(|()| {
-            // Queued messages get their own allocations: frame slices would pin whole read
-            // buffers for as long as the message waits. A big body stays the slice of the read
-            // buffer it arrived in: it is most of that buffer anyway, and copying 64 KiB
-            // bodies was a large share of their cost.
-            let parts = MessageParts {
-                exchange: &p.exchange,
-                routing_key: &routing_key,
-                header: &header,
-                body: if content.body.len() >= ZERO_COPY_BODY {
-                    MessageBody::Keep(content.body.clone())
-                } else {
-                    MessageBody::Copy(&content.body)
-                },
-            };
-            let charge = ctx.broker.resources.charge(Message::footprint(&parts));
-            let msg = Arc::new(Message::new(parts, charge, std::time::Instant::now(), ttl));
+            let msg = build_message(ctx, &p.exchange, &routing_key, &header, &content.body, ttl);
             let mut delivered = 0usize;
             for queue in &queues {
                 match queue.publish(msg.clone(), Some(&mut *ctx.dispatch)) {
@@ -795,6 +911,56 @@ impl Channel {
         }
         self.persisted = persisted;
         Ok(())
+    }
+
+    /// A request whose `reply_to` is `amq.rabbitmq.reply-to` gets this channel's pseudo-queue
+    /// name instead; without a reply consumer on the channel that is a 406.
+    fn rewrite_direct_reply_to(&self, header: ContentHeader) -> Result<ContentHeader, AmqpError> {
+        let props = header
+            .properties()
+            .map_err(|e| AmqpError::syntax_error(e.reply_text()))?;
+        if props.reply_to().as_ref().map(|r| r.as_str()) != Some(DIRECT_REPLY_TO) {
+            return Ok(header);
+        }
+        let Some(reply) = &self.reply_consumer else {
+            return Err(AmqpError::precondition_failed(
+                "fast reply consumer does not exist",
+            ));
+        };
+        let props = props.with_reply_to(short_string(&reply.name));
+        Ok(ContentHeader::from_properties(
+            header.class_id,
+            header.body_size,
+            &props,
+        ))
+    }
+
+    /// A publish to `amq.rabbitmq.reply-to.<suffix>` through the default exchange goes
+    /// straight to that channel's reply consumer, if it still exists, and is dropped
+    /// otherwise. As in RabbitMQ it never counts as routed: with `mandatory` it also comes
+    /// back in a basic.return; a confirm is an ack.
+    fn publish_direct_reply(
+        &mut self,
+        ctx: &mut ConnCtx<'_>,
+        p: &BasicPublish,
+        msg: &Arc<Message>,
+    ) {
+        let name = String::from_utf8_lossy(&p.routing_key);
+        ctx.vhost.deliver_direct_reply(&name, msg.clone());
+        if p.mandatory {
+            encode_basic_return(
+                ctx.out,
+                self.id,
+                code::NO_ROUTE,
+                b"NO_ROUTE",
+                msg.exchange(),
+                msg.routing_key(),
+            );
+            encode_message(ctx, self.id, msg);
+        }
+        if let Some(tracker) = self.confirms.as_mut() {
+            tracker.publish(std::iter::empty::<Arc<str>>());
+        }
     }
 
     /// Starts one group-commit request for every stored publish of the last read batch; its
@@ -1103,6 +1269,32 @@ const ZERO_COPY_BODY: usize = 64 * 1024;
 
 fn unknown_tag(tag: u64) -> AmqpError {
     AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
+}
+
+/// A published message as queues hold it. Queued messages get their own allocations: frame
+/// slices would pin whole read buffers for as long as the message waits. A big body stays
+/// the slice of the read buffer it arrived in: it is most of that buffer anyway, and copying
+/// 64 KiB bodies was a large share of their cost.
+fn build_message(
+    ctx: &ConnCtx<'_>,
+    exchange: &[u8],
+    routing_key: &[u8],
+    header: &ContentHeader,
+    body: &Bytes,
+    ttl: Option<std::time::Duration>,
+) -> Arc<Message> {
+    let parts = MessageParts {
+        exchange,
+        routing_key,
+        header,
+        body: if body.len() >= ZERO_COPY_BODY {
+            MessageBody::Keep(body.clone())
+        } else {
+            MessageBody::Copy(body)
+        },
+    };
+    let charge = ctx.broker.resources.charge(Message::footprint(&parts));
+    Arc::new(Message::new(parts, charge, std::time::Instant::now(), ttl))
 }
 
 /// Content header (properties verbatim) and body frames of a message.

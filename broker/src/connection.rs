@@ -801,6 +801,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 channel_id,
                 channel,
                 ..
+            }
+            | ConnEvent::DirectReply {
+                channel_id,
+                channel,
+                ..
             } => (*channel_id, *channel),
         };
         let Some(ChannelSlot::Open(ch)) = self.channels.get_mut(&channel_id) else {
@@ -831,6 +836,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 ch.deliver(&mut ctx, d)
             }
             ConnEvent::ConsumerCancelled { tag, .. } => ch.consumer_cancelled(&mut ctx, &tag),
+            ConnEvent::DirectReply { name, msg, .. } => {
+                ch.deliver_direct_reply(&mut ctx, &name, &msg)
+            }
             ConnEvent::Synced { confirms, ok, .. } => {
                 ch.synced(&confirms, ok);
                 ch.flush_confirms(ctx.out);
@@ -1141,6 +1149,7 @@ pub const SERVER_CAPABILITIES: &[&str] = &[
     "authentication_failure_close",
     "per_consumer_qos",
     "connection.blocked",
+    "direct_reply_to",
 ];
 
 fn start_method() -> connection::Start {

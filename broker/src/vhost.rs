@@ -2,6 +2,7 @@
 //!
 //! Lock order: `topology` before `queues` before any queue's own lock. Neither is held across
 //! `.await`, and `route` holds the topology read lock only while collecting queue names.
+//! `direct_replies` is a leaf: nothing else is locked while it is held.
 
 use crate::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use tracing::{debug, error, warn};
 use warren_storage::{BindingDef, DefChange, ExchangeDef, QueueDef};
@@ -17,6 +19,7 @@ use crate::error::{resource, AmqpError};
 use crate::exchange::{DeclareOutcome, Destination, Removed, RouteSet, Topology};
 use crate::message::{Body, Message, MessageParts};
 use crate::persist::Persistence;
+use crate::queue::consumers::ChannelKey;
 use crate::queue::dead_letter::{
     is_automatic_cycle, republish, DeadLetter, DeadLetterRouter, DeadLetterTarget,
 };
@@ -51,6 +54,16 @@ pub struct VHost {
     persistence: Option<Arc<Persistence>>,
     /// This vhost, for its queues to hand their dead letters back to.
     me: Weak<VHost>,
+    /// Direct reply-to consumers by their pseudo-queue name (`amq.rabbitmq.reply-to.…`).
+    direct_replies: RwLock<HashMap<Arc<str>, DirectReplySink>>,
+}
+
+/// Where replies to a channel's direct reply-to consumer go.
+#[derive(Debug, Clone)]
+pub struct DirectReplySink {
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+    pub channel: ChannelKey,
+    pub channel_id: u16,
 }
 
 impl VHost {
@@ -67,11 +80,58 @@ impl VHost {
             memory,
             persistence,
             me: me.clone(),
+            direct_replies: RwLock::new(HashMap::default()),
         })
     }
 
     fn router(&self) -> Weak<dyn DeadLetterRouter> {
         self.me.clone()
+    }
+
+    // ------------------------------------------------------------------ direct reply-to
+
+    /// Registers a channel's direct reply-to consumer under its pseudo-queue name.
+    pub fn register_direct_reply(&self, name: Arc<str>, sink: DirectReplySink) {
+        self.direct_replies
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, sink);
+    }
+
+    pub fn unregister_direct_reply(&self, name: &str) {
+        self.direct_replies
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    pub fn has_direct_reply(&self, name: &str) -> bool {
+        self.direct_replies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+    }
+
+    /// Hands a reply to the direct reply-to consumer named `name`. False if there is none
+    /// (its channel closed or cancelled it): the reply is dropped, as in RabbitMQ.
+    pub fn deliver_direct_reply(&self, name: &str, msg: Arc<Message>) -> bool {
+        let sink = self
+            .direct_replies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let Some(sink) = sink else {
+            return false;
+        };
+        sink.events
+            .send(ConnEvent::DirectReply {
+                channel: sink.channel,
+                channel_id: sink.channel_id,
+                name: Arc::from(name),
+                msg,
+            })
+            .is_ok()
     }
 
     fn record(&self, change: DefChange) {

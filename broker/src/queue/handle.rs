@@ -105,6 +105,13 @@ pub enum ConnEvent {
         channel_id: u16,
         tag: Arc<str>,
     },
+    /// A reply published to the channel's direct reply-to pseudo-queue `name`.
+    DirectReply {
+        channel: ChannelKey,
+        channel_id: u16,
+        name: Arc<str>,
+        msg: Arc<Message>,
+    },
 }
 
 /// Which writes a [`Queue::prepare_sync`] must make durable.
