@@ -65,6 +65,8 @@ pub struct ConnCtx<'a> {
     pub store_writes: &'a mut PendingStoreWrites,
     /// Queues with published messages not yet offered to consumers.
     pub dispatch: &'a mut PendingDispatch,
+    /// The connection's consumer-timeout clock (see [`Channel::oldest_unacked_epoch`]).
+    pub ack_epoch: u32,
 }
 
 /// A delivery the client has not settled yet.
@@ -74,6 +76,8 @@ struct Unacked {
     seq: MsgSeq,
     /// Delivered to a consumer (counted by the channel limiter), as opposed to basic.get.
     counted: bool,
+    /// The connection's `ack_epoch` when it was delivered.
+    epoch: u32,
 }
 
 /// Work held back by tx.select until tx.commit.
@@ -529,6 +533,7 @@ impl Channel {
                                     queue: queue.clone(),
                                     seq: got.seq,
                                     counted: false,
+                                    epoch: ctx.ack_epoch,
                                 },
                             );
                         }
@@ -721,6 +726,11 @@ impl Channel {
             })),
         );
         Ok(())
+    }
+
+    /// The `ack_epoch` of the oldest unacknowledged delivery, for the consumer timeout.
+    pub fn oldest_unacked_epoch(&self) -> Option<u32> {
+        self.unacked.iter().next().map(|(_, u)| u.epoch)
     }
 
     /// A reply for this channel's direct reply-to consumer `name`: delivered unless that
@@ -1195,6 +1205,7 @@ impl Channel {
                         queue: d.queue.clone(),
                         seq: item.seq,
                         counted: true,
+                        epoch: ctx.ack_epoch,
                     },
                 );
             }

@@ -75,6 +75,9 @@ pub struct Config {
     /// When free space on the data directory's file system falls below this many bytes,
     /// publishing connections are blocked (RabbitMQ's `disk_free_limit`).
     pub disk_free_limit: u64,
+    /// A channel holding a delivery unacknowledged for longer is closed with 406, and the
+    /// delivery requeued (RabbitMQ's `consumer_timeout`); None disables the check.
+    pub consumer_timeout: Option<Duration>,
 }
 
 /// RabbitMQ's `vm_memory_high_watermark`: a fraction of RAM or an absolute byte count.
@@ -115,6 +118,8 @@ impl Default for Config {
             memory_high_watermark: Watermark::Relative(0.4),
             disk_free_limit: 50 * 1024 * 1024,
             memory_paging_ratio: 0.5,
+            // RabbitMQ 3.10's default: 30 minutes.
+            consumer_timeout: Some(Duration::from_millis(1_800_000)),
         }
     }
 }
@@ -161,6 +166,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ("memory_high_watermark", &["WARREN_MEMORY_HIGH_WATERMARK"]),
     ("disk_free_limit", &["WARREN_DISK_FREE_LIMIT"]),
     ("memory_paging_ratio", &["WARREN_MEMORY_PAGING_RATIO"]),
+    ("consumer_timeout", &["WARREN_CONSUMER_TIMEOUT"]),
 ];
 
 impl Config {
@@ -314,6 +320,12 @@ impl Config {
                 })?;
                 self.memory_paging_ratio = ratio;
             }
+            "consumer_timeout" => {
+                let v = integer(&value, 0, i64::MAX)
+                    .map_err(|r| invalid(&format!("{r} (milliseconds; 0 disables the timeout)")))?;
+                let ms = u64::try_from(v).map_err(|_| invalid("out of range"))?;
+                self.consumer_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+            }
             "disk_free_limit" => {
                 let v = integer(&value, 0, i64::MAX).map_err(|r| invalid(&r))?;
                 self.disk_free_limit = u64::try_from(v).map_err(|_| invalid("out of range"))?;
@@ -423,6 +435,28 @@ mod tests {
         assert!(err.contains("'frame_max'"), "{err}");
         assert!(err.contains("WARREN_FRAME_MAX"), "{err}");
         assert!(err.contains("between 4096"), "{err}");
+    }
+
+    #[test]
+    fn consumer_timeout_in_milliseconds_zero_disables() {
+        let load =
+            |v: &str| Config::load(None, &BTreeMap::new(), &[("consumer_timeout", v.into())]);
+        assert_eq!(
+            Config::default().consumer_timeout,
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            load("1500").unwrap().consumer_timeout,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(load("0").unwrap().consumer_timeout, None);
+        let err = load("soon").unwrap_err().to_string();
+        assert!(err.contains("'consumer_timeout'"), "{err}");
+        assert!(err.contains("--consumer-timeout"), "{err}");
+        let mut env = BTreeMap::new();
+        env.insert("WARREN_CONSUMER_TIMEOUT".to_string(), "-5".to_string());
+        let err = Config::load(None, &env, &[]).unwrap_err().to_string();
+        assert!(err.contains("WARREN_CONSUMER_TIMEOUT"), "{err}");
     }
 
     #[test]

@@ -126,6 +126,7 @@ pub async fn serve<S>(
             consumers_behind: false,
             publisher: false,
             blocked_sent: false,
+            ack_epoch: 0,
         };
         let end = conn.run().await;
         conn.release_all();
@@ -180,6 +181,37 @@ struct Connection<S> {
     publisher: bool,
     /// connection.blocked was sent and connection.unblocked is owed.
     blocked_sent: bool,
+    /// Counts consumer-timeout checks; deliveries record it (see [`AckClock`]).
+    ack_epoch: u32,
+}
+
+/// The consumer timeout as a count of periodic checks, so that a delivery records a counter
+/// rather than reading the clock: a delivery made while the epoch was `e` is between
+/// `(now - e - 1)` and `(now - e)` intervals old at epoch `now`, and it has timed out for
+/// certain once `now - e` reaches `epochs`. Timeouts are so enforced between 1 and 1.5 times
+/// the configured value after the delivery (two 50 ms checks at most for timeouts below
+/// 100 ms); RabbitMQ checks once a minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AckClock {
+    interval: Duration,
+    epochs: u32,
+}
+
+impl AckClock {
+    fn new(timeout: Duration) -> AckClock {
+        // Half the timeout, within [50 ms, 30 s]: the default 30 minutes costs each
+        // connection one timer wakeup every 30 s.
+        let interval = (timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let whole = timeout.as_nanos().div_ceil(interval.as_nanos().max(1));
+        AckClock {
+            interval,
+            epochs: u32::try_from(whole).unwrap_or(u32::MAX).saturating_add(1),
+        }
+    }
+
+    fn timed_out(self, now: u32, delivered: u32) -> bool {
+        now.wrapping_sub(delivered) >= self.epochs
+    }
 }
 
 /// Outcome of a handshake step that did not succeed.
@@ -395,6 +427,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // loop turn would register and cancel a timer-wheel entry on every wakeup.
         let heartbeat_timer = sleep_until(Instant::now() + tick);
         tokio::pin!(heartbeat_timer);
+        let ack_clock = self.broker.config.consumer_timeout.map(AckClock::new);
+        let ack_interval = ack_clock.map_or(Duration::from_secs(3600), |c| c.interval);
+        let ack_timer = sleep_until(Instant::now() + ack_interval);
+        tokio::pin!(ack_timer);
         self.last_recv = Instant::now();
         let memory = self.broker.resources;
         loop {
@@ -466,6 +502,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                     if now.duration_since(self.last_sent) >= tick {
                         encode_heartbeat(&mut self.wbuf);
+                    }
+                }
+                _ = &mut ack_timer, if ack_clock.is_some() => {
+                    ack_timer.as_mut().reset(Instant::now() + ack_interval);
+                    if let Some(clock) = ack_clock {
+                        self.check_consumer_timeout(clock);
                     }
                 }
             }
@@ -740,6 +782,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             broker: &self.broker,
             store_writes: &mut self.store_writes,
             dispatch: &mut self.dispatch,
+            ack_epoch: self.ack_epoch,
         };
         ch.handle(&mut ctx, command)
     }
@@ -827,6 +870,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             broker: &self.broker,
             store_writes: &mut self.store_writes,
             dispatch: &mut self.dispatch,
+            ack_epoch: self.ack_epoch,
         };
         match event {
             ConnEvent::Deliver(d) => {
@@ -843,6 +887,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 ch.synced(&confirms, ok);
                 ch.flush_confirms(ctx.out);
             }
+        }
+    }
+
+    /// Closes (406) every channel whose oldest unacknowledged delivery has timed out; its
+    /// deliveries are requeued as for any channel close.
+    fn check_consumer_timeout(&mut self, clock: AckClock) {
+        self.ack_epoch = self.ack_epoch.wrapping_add(1);
+        let now = self.ack_epoch;
+        let late: Vec<u16> = self
+            .channels
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                ChannelSlot::Open(ch) => ch
+                    .oldest_unacked_epoch()
+                    .is_some_and(|e| clock.timed_out(now, e))
+                    .then_some(*id),
+                _ => None,
+            })
+            .collect();
+        let Some(timeout) = self.broker.config.consumer_timeout else {
+            return;
+        };
+        for id in late {
+            warn!(channel = id, "consumer ack timed out, closing the channel");
+            self.fail_channel(
+                id,
+                AmqpError::precondition_failed(format!(
+                    "delivery acknowledgement on channel {id} timed out. Timeout value used: \
+                     {} ms. This timeout value can be configured, see consumers doc guide to \
+                     learn more",
+                    timeout.as_millis()
+                )),
+            );
         }
     }
 
@@ -1344,6 +1421,37 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn consumer_timeout_fires_after_the_timeout_and_soon_enough() {
+        for timeout_ms in [100u64, 1000, 1_800_000, 7] {
+            let timeout = Duration::from_millis(timeout_ms);
+            let clock = AckClock::new(timeout);
+            let i = clock.interval;
+            // A delivery just before or just after a check, against the check that fires.
+            for delivered_epoch in [3u32, u32::MAX - 1] {
+                let fires = (1..)
+                    .map(|k| delivered_epoch.wrapping_add(k))
+                    .find(|now| clock.timed_out(*now, delivered_epoch))
+                    .map(|now| now.wrapping_sub(delivered_epoch))
+                    .unwrap();
+                // Age at that check: between (fires - 1) and fires intervals.
+                let youngest = i * (fires - 1);
+                let oldest = i * fires;
+                assert!(youngest >= timeout, "{timeout_ms} ms: fired too early");
+                // Within half the timeout again, or two checks for timeouts below the
+                // shortest check interval (50 ms).
+                assert!(
+                    oldest <= timeout + (timeout / 2).max(2 * i),
+                    "{timeout_ms} ms: fired too late ({oldest:?})"
+                );
+            }
+        }
+        assert_eq!(
+            AckClock::new(Duration::from_millis(1_800_000)).interval,
+            Duration::from_secs(30)
+        );
     }
 
     #[tokio::test(start_paused = true)]

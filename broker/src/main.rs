@@ -68,6 +68,10 @@ struct Cli {
     /// Free disk space (bytes) below which publishers are blocked.
     #[arg(long)]
     disk_free_limit: Option<String>,
+    /// Milliseconds a delivery may stay unacknowledged before its channel is closed (0: no
+    /// limit).
+    #[arg(long)]
+    consumer_timeout: Option<String>,
     /// Log filter, e.g. `info` or `warren_broker=debug`.
     #[arg(long)]
     log: Option<String>,
@@ -146,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ("memory_high_watermark", &cli.memory_high_watermark),
         ("disk_free_limit", &cli.disk_free_limit),
         ("memory_paging_ratio", &cli.memory_paging_ratio),
+        ("consumer_timeout", &cli.consumer_timeout),
     ];
     for (key, value) in optional {
         if let Some(v) = value {
