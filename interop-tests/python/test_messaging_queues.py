@@ -132,7 +132,35 @@ INVALID_ARGS = [
     ("x-max-priority", 300, "invalid arg 'x-max-priority' for {q}: {{max_value_exceeded,300}}"),
     ("x-dead-letter-exchange", 5, "invalid type 'signedint' for arg 'x-dead-letter-exchange' "
                                   "in {q}"),
+    ("x-single-active-consumer", "true",
+     "invalid arg 'x-single-active-consumer' for {q}: {{unacceptable_type,longstr}}"),
+    ("x-queue-mode", "bogus", "invalid arg 'x-queue-mode' for {q}: \"unsupported queue mode "
+                              "'bogus'\""),
+    ("x-queue-mode", 5, "invalid arg 'x-queue-mode' for {q}: {{unacceptable_type,signedint}}"),
+    ("x-queue-version", 3, "invalid arg 'x-queue-version' for {q}: \"unsupported queue version "
+                           "'3'\""),
+    ("x-queue-version", "2", "invalid arg 'x-queue-version' for {q}: \"expected integer, got "
+                             "longstr\""),
+] + [
+    # Quorum queue and stream arguments, refused on a classic queue whatever their value.
+    (arg, value, "invalid arg '" + arg + "' for {q} of queue type rabbit_classic_queue")
+    for arg, value in [
+        ("x-delivery-limit", 2), ("x-delivery-limit", "abc"), ("x-dead-letter-strategy",
+                                                              "at-least-once"),
+        ("x-max-in-memory-length", 5), ("x-max-in-memory-bytes", 5),
+        ("x-quorum-initial-group-size", 3), ("x-max-age", "1D"),
+        ("x-stream-max-segment-size-bytes", 100), ("x-initial-cluster-size", 1),
+        ("x-queue-leader-locator", "client-local"),
+    ]
 ]
+
+
+def test_classic_queue_arguments_rabbitmq_accepts(s):
+    for args in ({"x-queue-version": 1}, {"x-queue-version": 2}, {"x-queue-mode": "lazy"},
+                 {"x-queue-mode": "default"}, {"x-queue-master-locator": "client-local"},
+                 {"x-max-priority": 0}, {"x-overflow": "reject-publish-dlx"},
+                 {"x-queue-type": "classic"}, {"x-consumer-timeout": 1000}):
+        s.ch.queue_declare(uniq("q"), arguments=args, auto_delete=True)
 
 
 @pytest.mark.parametrize("arg,value,text", INVALID_ARGS,
