@@ -386,8 +386,29 @@ impl VHost {
         headers: Option<&FieldTable>,
         out: &mut RouteSet,
     ) -> Result<(), AmqpError> {
+        self.route_from(exchange, routing_key, extra_keys, headers, out, true)
+    }
+
+    /// [`Self::route`]; `from_client` false for the broker's own republishing (dead letters),
+    /// which, as in RabbitMQ, may go through internal exchanges.
+    fn route_from(
+        &self,
+        exchange: &str,
+        routing_key: &[u8],
+        extra_keys: &[Bytes],
+        headers: Option<&FieldTable>,
+        out: &mut RouteSet,
+        from_client: bool,
+    ) -> Result<(), AmqpError> {
         let topology = self.topology_read();
-        topology.check_publish(exchange)?;
+        if from_client {
+            topology.check_publish(exchange)?;
+        } else if topology.exchange(exchange).is_none() {
+            return Err(AmqpError::not_found(format!(
+                "no {}",
+                resource("exchange", exchange, &self.name)
+            )));
+        }
         if extra_keys.is_empty() {
             return topology.route(exchange, routing_key, headers, out);
         }
@@ -408,8 +429,37 @@ impl VHost {
         routes: &mut RouteSet,
         out: &mut Vec<Arc<Queue>>,
     ) -> Result<(), AmqpError> {
+        self.route_queues_from(
+            exchange,
+            routing_key,
+            extra_keys,
+            headers,
+            routes,
+            out,
+            true,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn route_queues_from(
+        &self,
+        exchange: &str,
+        routing_key: &[u8],
+        extra_keys: &[Bytes],
+        headers: Option<&FieldTable>,
+        routes: &mut RouteSet,
+        out: &mut Vec<Arc<Queue>>,
+        from_client: bool,
+    ) -> Result<(), AmqpError> {
         routes.clear();
-        self.route(exchange, routing_key, extra_keys, headers, routes)?;
+        self.route_from(
+            exchange,
+            routing_key,
+            extra_keys,
+            headers,
+            routes,
+            from_client,
+        )?;
         let queues = self.queues_read();
         out.extend(routes.iter().filter_map(|name| queues.get(name).cloned()));
         Ok(())
@@ -825,13 +875,14 @@ impl DeadLetterRouter for VHost {
                 }
             };
             queues.clear();
-            if let Err(e) = self.route_queues(
+            if let Err(e) = self.route_queues_from(
                 &target.exchange,
                 &r.routing_key,
                 &r.extra_keys,
                 Some(&r.headers),
                 &mut routes,
                 &mut queues,
+                false,
             ) {
                 debug!(queue, error = %e, "dead letter dropped");
                 continue;

@@ -208,6 +208,21 @@ def test_reject_publish_does_not_dead_letter(broker):
     conn.close()
 
 
+def test_an_internal_exchange_can_be_the_dead_letter_exchange(broker):
+    """Clients cannot publish to an internal exchange; the broker's dead letters can."""
+    conn, ch = _open(broker)
+    dlx, dlq, src = uniq("dlx"), uniq("dlq"), uniq("src")
+    ch.exchange_declare(dlx, "fanout", internal=True, auto_delete=True)
+    ch.queue_declare(dlq, auto_delete=True)
+    ch.queue_bind(dlq, dlx, "")
+    ch.queue_declare(src, auto_delete=True, arguments={"x-dead-letter-exchange": dlx})
+    ch.basic_publish("", src, b"inside")
+    method, _p, _b = ch.basic_get(src)
+    ch.basic_reject(method.delivery_tag, requeue=False)
+    assert _get(ch, dlq)[2] == b"inside"
+    conn.close()
+
+
 def test_missing_dead_letter_exchange_drops_the_message(broker):
     conn, ch = _open(broker)
     dlx, dlq, src = uniq("dlx"), uniq("dlq"), uniq("src")
