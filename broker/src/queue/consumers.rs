@@ -74,6 +74,9 @@ pub enum ConsumeError {
     /// catches this first, since tags are unique per channel across queues.
     #[error("attempt to reuse consumer tag '{0}'")]
     TagInUse(Arc<str>),
+    /// The queue was deleted between the lookup and the consume.
+    #[error("queue deleted")]
+    QueueGone,
 }
 
 impl ConsumeError {
@@ -83,6 +86,9 @@ impl ConsumeError {
             ConsumeError::ExclusiveInUse => exclusive_in_use(queue, vhost),
             ConsumeError::TagInUse(tag) => {
                 AmqpError::not_allowed(format!("attempt to reuse consumer tag '{tag}'"))
+            }
+            ConsumeError::QueueGone => {
+                AmqpError::not_found(format!("no {}", error::resource("queue", queue, vhost)))
             }
         }
     }

@@ -865,6 +865,10 @@ impl Queue {
         sink: ConsumerSink,
     ) -> Result<(), ConsumeError> {
         let mut st = self.lock();
+        if st.deleted {
+            // Deleted after the channel found it: a consumer added now would never be told.
+            return Err(ConsumeError::QueueGone);
+        }
         let key = spec.key.clone();
         st.core.add_consumer(spec)?;
         st.limiters.insert(key.channel, sink.limiter.clone());
@@ -1242,6 +1246,27 @@ mod tests {
         let props = QueueProps::new(false, false, None, table);
         let memory = crate::resources::ResourceMonitor::new(0);
         Queue::new("q".into(), "/".into(), props, memory, None, None, None)
+    }
+
+    #[test]
+    fn a_consumer_cannot_attach_to_a_deleted_queue() {
+        let q = queue_with_arguments(&[]);
+        q.mark_deleted();
+        let (events, _rx) = mpsc::unbounded_channel();
+        let spec = ConsumerSpec {
+            key: ConsumerKey::new(ChannelKey(1), "c"),
+            priority: 0,
+            prefetch: 0,
+            no_ack: true,
+            exclusive: false,
+        };
+        let sink = ConsumerSink {
+            events,
+            channel_id: 1,
+            limiter: Arc::new(ChannelLimiter::default()),
+        };
+        assert_eq!(q.consume(spec, sink), Err(ConsumeError::QueueGone));
+        assert_eq!(q.consumer_count(), 0);
     }
 
     #[test]
