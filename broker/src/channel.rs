@@ -28,7 +28,7 @@ use crate::queue::consumers::{ChannelKey, ConsumerKey, ConsumerSpec};
 use crate::queue::core::MsgSeq;
 use crate::queue::handle::{
     ChannelLimiter, ConnEvent, ConsumerSink, Delivery, Enqueued, PendingDispatch,
-    PendingStoreWrites, Queue, SyncKind,
+    PendingStoreWrites, Queue, QueueKind, SyncKind,
 };
 use crate::tags::TagMap;
 use crate::vhost::{check_exclusive, DirectReplySink, QueueDeclare, VHost};
@@ -456,6 +456,19 @@ impl Channel {
                         check_exclusive(&queue, ctx.conn_id)?;
                         let (ready, consumers) = queue.counts();
                         let res = resource("queue", &name, &ctx.vhost.name);
+                        if queue.props.kind == QueueKind::Quorum {
+                            // RabbitMQ 3.10: a connection error (540), if-unused first.
+                            for (set, flag) in
+                                [(d.if_unused, "if-unused"), (d.if_empty, "if-empty")]
+                            {
+                                if set {
+                                    return Err(AmqpError::not_implemented(format!(
+                                        "cannot delete {res}. queue.delete operations with {flag} \
+                                         flag set are not supported by quorum queues"
+                                    )));
+                                }
+                            }
+                        }
                         if d.if_unused && consumers > 0 {
                             return Err(AmqpError::precondition_failed(format!("{res} in use")));
                         }
@@ -547,7 +560,7 @@ impl Channel {
                             msg.routing_key(),
                             got.remaining,
                         );
-                        encode_message(ctx, self.id, msg);
+                        encode_counted_message(ctx, self.id, msg, got.delivery_count);
                     }
                 }
                 Ok(())
@@ -614,6 +627,14 @@ impl Channel {
             return self.consume_direct_reply(ctx, c);
         }
         let queue = self.find_queue(ctx, c.queue.as_str())?;
+        if queue.props.kind == QueueKind::Quorum
+            && self.limiter.global_prefetch.load(Ordering::Relaxed) > 0
+        {
+            return Err(AmqpError::not_implemented(format!(
+                "{} does not support global qos",
+                resource("queue", &queue.name, &ctx.vhost.name)
+            )));
+        }
         let tag = self.new_consumer_tag(ctx, &c)?;
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
@@ -1191,7 +1212,7 @@ impl Channel {
                 item.msg.exchange(),
                 item.msg.routing_key(),
             );
-            encode_message(ctx, self.id, &item.msg);
+            encode_counted_message(ctx, self.id, &item.msg, item.delivery_count);
         }
         let was_blocked = self.limiter.is_blocked();
         if d.no_ack {
@@ -1306,6 +1327,47 @@ fn build_message(
     };
     let charge = ctx.broker.resources.charge(Message::footprint(&parts));
     Arc::new(Message::new(parts, charge, std::time::Instant::now(), ttl))
+}
+
+/// [`encode_message`], with an `x-delivery-count` header added when `delivery_count` is
+/// set (quorum queues). Only then are the properties decoded and encoded again.
+fn encode_counted_message(
+    ctx: &mut ConnCtx<'_>,
+    channel: u16,
+    msg: &Message,
+    delivery_count: Option<u16>,
+) {
+    let Some(count) = delivery_count else {
+        return encode_message(ctx, channel, msg);
+    };
+    let counted = ContentHeader::from_raw(
+        60,
+        msg.body_size(),
+        Bytes::copy_from_slice(msg.raw_properties()),
+    )
+    .and_then(|header| header.properties())
+    .map(|props| {
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-delivery-count".into(),
+            AMQPValue::LongLongInt(i64::from(count)),
+        );
+        ContentHeader::from_properties(60, msg.body_size(), &props.with_headers(headers))
+    });
+    match counted {
+        Ok(header) => encode_content(
+            ctx.out,
+            channel,
+            60,
+            msg.body_size(),
+            &header.raw_properties,
+            msg.body(),
+            ctx.frame_max,
+        ),
+        // The properties were checked when the message was published; should they not
+        // decode now, the message goes as it is rather than not at all.
+        Err(_) => encode_message(ctx, channel, msg),
+    }
 }
 
 /// Content header (properties verbatim) and body frames of a message.

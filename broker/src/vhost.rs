@@ -23,7 +23,7 @@ use crate::queue::consumers::ChannelKey;
 use crate::queue::dead_letter::{
     is_automatic_cycle, republish, DeadLetter, DeadLetterRouter, DeadLetterTarget,
 };
-use crate::queue::handle::{ConnEvent, Queue, QueueProps, RecoveredIndex};
+use crate::queue::handle::{ConnEvent, Queue, QueueKind, QueueProps, RecoveredIndex};
 use crate::resources::ResourceMonitor;
 
 /// queue.declare arguments as the vhost needs them.
@@ -501,6 +501,9 @@ impl VHost {
             )));
         }
         validate_queue_arguments(d.arguments, &res)?;
+        if QueueKind::from_arguments(d.arguments) == QueueKind::Quorum {
+            check_quorum_properties(&d, &res)?;
+        }
         let props = QueueProps::new(
             d.durable,
             d.auto_delete,
@@ -717,6 +720,12 @@ const KNOWN_QUEUE_ARGS: &[&str] = &[
     "x-queue-mode",
     "x-queue-type",
     "x-single-active-consumer",
+    "x-delivery-limit",
+    "x-dead-letter-strategy",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-quorum-initial-group-size",
+    "x-queue-leader-locator",
 ];
 
 /// Arguments of quorum queues and streams that RabbitMQ 3.10 refuses on a classic queue
@@ -733,15 +742,46 @@ const NOT_FOR_CLASSIC_QUEUES: &[&str] = &[
     "x-queue-leader-locator",
 ];
 
+/// Arguments of classic queues and streams that RabbitMQ 3.10 refuses on a quorum queue.
+const NOT_FOR_QUORUM_QUEUES: &[&str] = &[
+    "x-max-priority",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-queue-master-locator",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+];
+
+/// What a quorum queue cannot be (RabbitMQ 3.10's `invalid property` refusals).
+fn check_quorum_properties(d: &QueueDeclare<'_>, res: &str) -> Result<(), AmqpError> {
+    let refused = if !d.durable {
+        "non-durable"
+    } else if d.exclusive {
+        "exclusive-owner"
+    } else if d.auto_delete {
+        "auto-delete"
+    } else {
+        return Ok(());
+    };
+    Err(AmqpError::precondition_failed(format!(
+        "invalid property '{refused}' for {res}"
+    )))
+}
+
 /// Type and range checks of known x-arguments, with RabbitMQ's 406 text.
 fn validate_queue_arguments(args: &FieldTable, res: &str) -> Result<(), AmqpError> {
     use amq_protocol::types::AMQPValue;
+    let (refused, queue_type) = match QueueKind::from_arguments(args) {
+        QueueKind::Quorum => (NOT_FOR_QUORUM_QUEUES, "rabbit_quorum_queue"),
+        QueueKind::Classic => (NOT_FOR_CLASSIC_QUEUES, "rabbit_classic_queue"),
+    };
     if let Some((key, _)) = args
         .into_iter()
-        .find(|(key, _)| NOT_FOR_CLASSIC_QUEUES.contains(&key.as_str()))
+        .find(|(key, _)| refused.contains(&key.as_str()))
     {
         return Err(AmqpError::precondition_failed(format!(
-            "invalid arg '{}' for {res} of queue type rabbit_classic_queue",
+            "invalid arg '{}' for {res} of queue type {queue_type}",
             key.as_str()
         )));
     }
@@ -806,9 +846,17 @@ fn validate_queue_arguments(args: &FieldTable, res: &str) -> Result<(), AmqpErro
                 }
                 _ => Some("invalid_overflow".into()),
             },
+            "x-dead-letter-strategy" => match value {
+                AMQPValue::LongString(s)
+                    if matches!(s.as_bytes(), b"at-most-once" | b"at-least-once") =>
+                {
+                    None
+                }
+                _ => Some("invalid_dlx_strategy".into()),
+            },
             "x-queue-type" => match value {
-                AMQPValue::LongString(s) if s.as_bytes() == b"classic" => None,
-                // Quorum and stream queues are not built yet: refuse rather than pretend.
+                AMQPValue::LongString(s) if matches!(s.as_bytes(), b"classic" | b"quorum") => None,
+                // Streams are not built yet: refuse rather than pretend.
                 AMQPValue::LongString(s) => Some(format!(
                     "\"unsupported queue type '{}'\"",
                     String::from_utf8_lossy(s.as_bytes())

@@ -92,6 +92,7 @@ both_restarts!(
     single_active_consumer,
     dead_lettered_messages,
     priority_queue,
+    quorum_queue,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1731,4 +1732,48 @@ async fn priority_queue(how: Restart) {
         ["b9", "e9", "f200", "d5", "a1", "c0"],
         "after {how:?}"
     );
+}
+
+/// A quorum queue keeps every message, transient ones too, once confirmed; it comes back
+/// with its type (a redeclare as classic is inequivalent) and its delivery limit.
+async fn quorum_queue(how: Restart) {
+    let mut broker = start();
+    let conn = connect(&broker).await;
+    let ch = confirm_channel(&conn).await;
+    let args = table(&[
+        ("x-queue-type", ls("quorum")),
+        ("x-delivery-limit", AMQPValue::LongInt(0)),
+    ]);
+    declare_queue(&ch, "qq", durable_queue(), args.clone()).await;
+    publish_routed(&ch, "", "qq", b"transient", transient()).await;
+    publish_routed(&ch, "", "qq", b"persistent", persistent()).await;
+
+    restart(&mut broker, how);
+    let conn = connect(&broker).await;
+    assert_eq!(
+        redeclare_queue(&conn, "qq", durable_queue(), args).await,
+        Ok(2),
+        "after {how:?}"
+    );
+    let (code, text) = redeclare_queue(&conn, "qq", durable_queue(), FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code, 406, "{text}");
+    assert!(text.contains("inequivalent arg 'x-queue-type'"), "{text}");
+    // Delivery limit 0: the first return removes the message (no dead-letter exchange).
+    let ch = confirm_channel(&conn).await;
+    let m = ch
+        .basic_get(ss("qq"), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("a message");
+    assert_eq!(m.delivery.data, b"transient");
+    assert_eq!(m.properties.delivery_mode(), &Some(1));
+    ch.basic_reject(
+        m.delivery.delivery_tag,
+        BasicRejectOptions { requeue: true },
+    )
+    .await
+    .unwrap();
+    assert_eq!(drain_bodies(&ch, "qq").await, ["persistent"]);
 }

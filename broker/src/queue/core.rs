@@ -36,6 +36,8 @@ pub struct Delivery<M> {
     pub seq: MsgSeq,
     pub msg: M,
     pub redelivered: bool,
+    /// How many times it came back to the queue unsettled (`x-delivery-count`).
+    pub returns: u16,
     /// True: the message has left the queue for good. False: it is unacked, owned by the
     /// consumer's channel, until `ack` / `reject` / `requeue` / `channel_closed`.
     pub no_ack: bool,
@@ -47,6 +49,8 @@ pub struct GetResult<M> {
     pub seq: MsgSeq,
     pub msg: M,
     pub redelivered: bool,
+    /// How many times it came back to the queue unsettled (`x-delivery-count`).
+    pub returns: u16,
     /// Ready messages left after this one (basic.get-ok message-count), saturated to u32.
     pub remaining: u32,
 }
@@ -58,6 +62,9 @@ pub enum Rejected<M> {
     Requeued,
     /// Removed from the queue; the caller dead-letters it (later) and tells the store.
     Dropped(M),
+    /// Requeue asked, but the message has come back more than the delivery limit allows:
+    /// removed; the caller dead-letters it (reason `delivery_limit`) and tells the store.
+    OverDeliveryLimit(M),
 }
 
 /// What closing a channel did to this queue.
@@ -80,6 +87,9 @@ struct ReadyEntry<M> {
     redelivered: bool,
     /// Its level in a priority queue (already capped at the queue's maximum); 0 elsewhere.
     priority: u8,
+    /// How many times it came back unsettled (reject/nack with requeue, recover, channel
+    /// closed); saturates.
+    returns: u16,
 }
 
 /// The ready messages, in delivery order: one deque per priority level (a single one unless
@@ -306,6 +316,8 @@ struct Unacked<M> {
     owner: Owner,
     /// Its ready level, for a requeue.
     priority: u8,
+    /// Its [`ReadyEntry::returns`].
+    returns: u16,
 }
 
 /// One queue's messages, consumers and unacked set. See the module docs for how to drive it.
@@ -324,6 +336,11 @@ pub struct QueueCore<M> {
     unacked: HashMap<MsgSeq, Unacked<M>>,
     unacked_by_channel: HashMap<ChannelKey, HashSet<MsgSeq>>,
     consumers: ConsumerSet,
+    /// Messages that come back more often than this are removed instead (quorum queues'
+    /// `x-delivery-limit`).
+    delivery_limit: Option<u64>,
+    /// Messages removed for the delivery limit, waiting for [`QueueCore::take_over_limit`].
+    over_limit: Vec<M>,
 }
 
 impl<M> Default for QueueCore<M> {
@@ -345,6 +362,8 @@ impl<M> QueueCore<M> {
             unacked: HashMap::default(),
             unacked_by_channel: HashMap::default(),
             consumers: ConsumerSet::new(),
+            delivery_limit: None,
+            over_limit: Vec::new(),
         }
     }
 
@@ -361,6 +380,36 @@ impl<M> QueueCore<M> {
     /// priority), priorities above `max` count as `max`. Set before any message is enqueued.
     pub fn set_max_priority(&mut self, max: u8) {
         self.ready.set_max_priority(max);
+    }
+
+    /// Messages that come back (requeued unsettled) more than `limit` times leave the queue
+    /// instead; see [`QueueCore::take_over_limit`].
+    pub fn set_delivery_limit(&mut self, limit: u64) {
+        self.delivery_limit = Some(limit);
+    }
+
+    /// The messages removed for the delivery limit since the last call, oldest first.
+    pub fn take_over_limit(&mut self) -> Vec<M> {
+        std::mem::take(&mut self.over_limit)
+    }
+
+    /// A settled message on its way back to the ready queue, or None when that return takes
+    /// it over the delivery limit.
+    fn returned(&self, seq: MsgSeq, u: Unacked<M>) -> Result<ReadyEntry<M>, M> {
+        let returns = u.returns.saturating_add(1);
+        if self
+            .delivery_limit
+            .is_some_and(|limit| u64::from(returns) > limit)
+        {
+            return Err(u.msg);
+        }
+        Ok(ReadyEntry {
+            seq,
+            msg: u.msg,
+            redelivered: true,
+            priority: u.priority,
+            returns,
+        })
     }
 
     /// The highest priority level (0 without `x-max-priority`).
@@ -387,6 +436,7 @@ impl<M> QueueCore<M> {
             } else {
                 priority.min(self.ready.max_priority())
             },
+            returns: 0,
         });
         seq
     }
@@ -464,7 +514,7 @@ impl<M> QueueCore<M> {
             self.hold_unacked(
                 entry.seq,
                 entry.msg.clone(),
-                entry.priority,
+                (entry.priority, entry.returns),
                 Owner {
                     channel: picked.key.channel,
                     consumer: Some(picked.id),
@@ -476,6 +526,7 @@ impl<M> QueueCore<M> {
             seq: entry.seq,
             msg: entry.msg,
             redelivered: entry.redelivered,
+            returns: entry.returns,
             no_ack: picked.no_ack,
         })
     }
@@ -491,7 +542,7 @@ impl<M> QueueCore<M> {
             self.hold_unacked(
                 entry.seq,
                 entry.msg.clone(),
-                entry.priority,
+                (entry.priority, entry.returns),
                 Owner {
                     channel,
                     consumer: None,
@@ -502,6 +553,7 @@ impl<M> QueueCore<M> {
             seq: entry.seq,
             msg: entry.msg,
             redelivered: entry.redelivered,
+            returns: entry.returns,
             remaining: u32::try_from(self.ready.len()).unwrap_or(u32::MAX),
         })
     }
@@ -517,13 +569,13 @@ impl<M> QueueCore<M> {
     pub fn reject(&mut self, seq: MsgSeq, requeue: bool) -> Option<Rejected<M>> {
         let unacked = self.settle(seq)?;
         if requeue {
-            self.ready.requeue(vec![ReadyEntry {
-                seq,
-                msg: unacked.msg,
-                redelivered: true,
-                priority: unacked.priority,
-            }]);
-            Some(Rejected::Requeued)
+            match self.returned(seq, unacked) {
+                Ok(entry) => {
+                    self.ready.requeue(vec![entry]);
+                    Some(Rejected::Requeued)
+                }
+                Err(msg) => Some(Rejected::OverDeliveryLimit(msg)),
+            }
         } else {
             Some(Rejected::Dropped(unacked.msg))
         }
@@ -531,19 +583,17 @@ impl<M> QueueCore<M> {
 
     /// Requeues unacked messages (basic.nack multiple, basic.recover requeue=true) to their
     /// original positions with `redelivered` set; unknown seqs are ignored. Returns how many
-    /// were requeued.
+    /// were requeued; those over the delivery limit leave for [`Self::take_over_limit`].
     pub fn requeue(&mut self, seqs: impl IntoIterator<Item = MsgSeq>) -> usize {
-        let batch: Vec<ReadyEntry<M>> = seqs
-            .into_iter()
-            .filter_map(|seq| {
-                self.settle(seq).map(|u| ReadyEntry {
-                    seq,
-                    msg: u.msg,
-                    redelivered: true,
-                    priority: u.priority,
-                })
-            })
-            .collect();
+        let mut batch: Vec<ReadyEntry<M>> = Vec::new();
+        for seq in seqs {
+            if let Some(u) = self.settle(seq) {
+                match self.returned(seq, u) {
+                    Ok(entry) => batch.push(entry),
+                    Err(msg) => self.over_limit.push(msg),
+                }
+            }
+        }
         let n = batch.len();
         self.ready.requeue(batch);
         n
@@ -618,7 +668,7 @@ impl<M> QueueCore<M> {
         self.consumers.infos()
     }
 
-    fn hold_unacked(&mut self, seq: MsgSeq, msg: M, priority: u8, owner: Owner) {
+    fn hold_unacked(&mut self, seq: MsgSeq, msg: M, (priority, returns): (u8, u16), owner: Owner) {
         self.unacked_by_channel
             .entry(owner.channel)
             .or_default()
@@ -629,6 +679,7 @@ impl<M> QueueCore<M> {
                 msg,
                 owner,
                 priority,
+                returns,
             },
         );
     }
@@ -975,6 +1026,40 @@ mod tests {
         );
         assert_eq!(q.purge(), vec![3, 2, 4, 5]);
         assert_eq!((q.message_count(), q.ready_bytes()), (0, 0));
+        q.check_invariants();
+    }
+
+    #[test]
+    fn returns_are_counted_and_the_delivery_limit_removes_the_message() {
+        let mut q = QueueCore::new();
+        q.set_delivery_limit(1);
+        q.publish(7, 0);
+        let g = q.get(ChannelKey(1), false).unwrap();
+        assert_eq!((g.msg, g.returns, g.redelivered), (7, 0, false));
+        assert_eq!(q.reject(g.seq, true), Some(Rejected::Requeued));
+        let g = q.get(ChannelKey(1), false).unwrap();
+        assert_eq!((g.msg, g.returns, g.redelivered), (7, 1, true));
+        // The second return is over the limit of 1.
+        assert_eq!(q.reject(g.seq, true), Some(Rejected::OverDeliveryLimit(7)));
+        assert_eq!(q.message_count(), 0);
+        // Through a channel close and a requeue the same, collected for the caller.
+        q.publish(8, 0);
+        q.publish(9, 0);
+        q.add_consumer(spec(2, "c", 0)).unwrap();
+        let d = drain(&mut q);
+        assert_eq!(d.iter().map(|d| d.returns).collect::<Vec<_>>(), [0, 0]);
+        assert_eq!(q.requeue([d[0].seq]), 1);
+        q.cancel_consumer(&key(2, "c"));
+        let g = q.get(ChannelKey(2), false).unwrap();
+        assert_eq!((g.msg, g.returns), (8, 1));
+        assert_eq!(
+            q.channel_closed(ChannelKey(2)).requeued,
+            1,
+            "9 back, 8 over the limit"
+        );
+        assert_eq!(q.take_over_limit(), vec![8]);
+        assert!(q.take_over_limit().is_empty());
+        assert_eq!(ready(&q), [(2, 9, true)]);
         q.check_invariants();
     }
 

@@ -21,6 +21,8 @@ pub enum DeathReason {
     Expired,
     /// A length limit pushed it out (drop-head) or refused it (reject-publish-dlx).
     MaxLen,
+    /// It came back more often than the quorum queue's `x-delivery-limit`.
+    DeliveryLimit,
 }
 
 impl DeathReason {
@@ -29,6 +31,7 @@ impl DeathReason {
             DeathReason::Rejected => "rejected",
             DeathReason::Expired => "expired",
             DeathReason::MaxLen => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
         }
     }
 }

@@ -153,6 +153,8 @@ pub struct DeliveryItem {
     pub msg: Arc<Message>,
     pub redelivered: bool,
     pub stored: bool,
+    /// The `x-delivery-count` header to add (quorum queues).
+    pub delivery_count: Option<u16>,
 }
 
 /// Queues holding buffered store writes made on behalf of one connection.
@@ -218,8 +220,12 @@ impl RecoveredIndex {
     /// For a queue declared with `arguments` (its `x-max-priority` decides the levels).
     pub fn for_arguments(arguments: &FieldTable) -> RecoveredIndex {
         let mut core = QueueCore::with_sizer(QMsg::size);
-        if let Some(max) = Limits::from_arguments(arguments).max_priority {
+        let limits = Limits::from_arguments(arguments);
+        if let Some(max) = limits.max_priority {
             core.set_max_priority(max);
+        }
+        if let Some(limit) = limits.delivery_limit {
+            core.set_delivery_limit(limit);
         }
         RecoveredIndex(core)
     }
@@ -249,9 +255,33 @@ pub struct ConsumerSink {
     pub limiter: Arc<ChannelLimiter>,
 }
 
+/// The queue type (`x-queue-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueKind {
+    #[default]
+    Classic,
+    /// RabbitMQ's quorum queue semantics on this one node: durable only, every message
+    /// stored (whatever its delivery mode), a delivery count (`x-delivery-count`) with an
+    /// optional `x-delivery-limit`. Replication comes with clustering.
+    Quorum,
+}
+
+impl QueueKind {
+    /// From a queue's (validated) arguments.
+    pub fn from_arguments(args: &FieldTable) -> QueueKind {
+        match args.inner().get("x-queue-type") {
+            Some(amq_protocol::types::AMQPValue::LongString(s)) if s.as_bytes() == b"quorum" => {
+                QueueKind::Quorum
+            }
+            _ => QueueKind::Classic,
+        }
+    }
+}
+
 /// Immutable queue properties fixed at declare time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueProps {
+    pub kind: QueueKind,
     pub durable: bool,
     pub auto_delete: bool,
     /// Connection id owning an exclusive queue.
@@ -271,6 +301,7 @@ impl QueueProps {
         arguments: FieldTable,
     ) -> QueueProps {
         QueueProps {
+            kind: QueueKind::from_arguments(&arguments),
             durable,
             auto_delete,
             exclusive_owner,
@@ -304,6 +335,9 @@ pub struct Limits {
     pub overflow: Overflow,
     /// `x-max-priority`: a priority queue with levels 0..=this.
     pub max_priority: Option<u8>,
+    /// `x-delivery-limit` (quorum queues). RabbitMQ 3.10 accepts any value there; only a
+    /// non-negative integer sets a limit.
+    pub delivery_limit: Option<u64>,
 }
 
 impl Limits {
@@ -330,6 +364,7 @@ impl Limits {
             max_length_bytes: int("x-max-length-bytes"),
             overflow,
             max_priority: int("x-max-priority").and_then(|v| u8::try_from(v).ok()),
+            delivery_limit: int("x-delivery-limit"),
         }
     }
 
@@ -396,6 +431,8 @@ pub struct Got {
     pub msg: Arc<Message>,
     pub redelivered: bool,
     pub remaining: u32,
+    /// The `x-delivery-count` header to add (quorum queues).
+    pub delivery_count: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -625,6 +662,9 @@ impl Queue {
         if let Some(max) = props.limits.max_priority {
             core.set_max_priority(max);
         }
+        if let Some(limit) = props.limits.delivery_limit {
+            core.set_delivery_limit(limit);
+        }
         Arc::new(Queue {
             name,
             vhost,
@@ -739,8 +779,10 @@ impl Queue {
             Some(max) => msg.priority().min(max),
             None => 0,
         };
+        // A quorum queue keeps every message on disk, as RabbitMQ's Raft log does.
+        let stored = msg.is_persistent() || self.props.kind == QueueKind::Quorum;
         let entry = match st.store.as_mut() {
-            Some(store) if msg.is_persistent() => {
+            Some(store) if stored => {
                 // The record's flags byte keeps the priority for recovery.
                 let stored = StoredMessage {
                     flags: priority,
@@ -948,6 +990,8 @@ impl Queue {
                 msg,
                 redelivered: got.redelivered,
                 remaining: got.remaining,
+                // basic.get always carries it, even the first time (RabbitMQ 3.10).
+                delivery_count: (self.props.kind == QueueKind::Quorum).then_some(got.returns),
             });
         }
     }
@@ -986,11 +1030,14 @@ impl Queue {
         let mut st = self.lock();
         let mut stored = false;
         for seq in seqs {
-            if let Some(Rejected::Dropped(msg)) = st.core.reject(*seq, requeue) {
-                stored |= msg.location().is_some();
-                self.dead_letter(&mut st, &msg, None, DeathReason::Rejected);
-                st.forget(&msg, &self.name);
-            }
+            let (msg, reason) = match st.core.reject(*seq, requeue) {
+                Some(Rejected::Dropped(msg)) => (msg, DeathReason::Rejected),
+                Some(Rejected::OverDeliveryLimit(msg)) => (msg, DeathReason::DeliveryLimit),
+                Some(Rejected::Requeued) | None => continue,
+            };
+            stored |= msg.location().is_some();
+            self.dead_letter(&mut st, &msg, None, reason);
+            st.forget(&msg, &self.name);
         }
         self.dispatch_locked(&mut st);
         stored
@@ -1000,13 +1047,24 @@ impl Queue {
     pub fn requeue(self: &Arc<Self>, seqs: &[MsgSeq]) {
         let mut st = self.lock();
         st.core.requeue(seqs.iter().copied());
+        self.drop_over_limit(&mut st);
         self.dispatch_locked(&mut st);
+    }
+
+    /// Messages a requeue took over the delivery limit: dead-lettered (reason
+    /// `delivery_limit`) or dropped.
+    fn drop_over_limit(&self, st: &mut QueueState) {
+        for msg in st.core.take_over_limit() {
+            self.dead_letter(st, &msg, None, DeathReason::DeliveryLimit);
+            st.forget(&msg, &self.name);
+        }
     }
 
     /// The channel closed: its consumers go and its unacked messages come back.
     pub fn channel_closed(self: &Arc<Self>, channel: ChannelKey) -> ClosedOutcome {
         let mut st = self.lock();
         let outcome = st.core.channel_closed(channel);
+        self.drop_over_limit(&mut st);
         for key in &outcome.cancelled {
             st.sinks.remove(key);
         }
@@ -1113,6 +1171,9 @@ impl Queue {
                 msg,
                 redelivered: d.redelivered,
                 stored: d.msg.location().is_some(),
+                // Consumers see it once the message has come back (RabbitMQ 3.10).
+                delivery_count: (self.props.kind == QueueKind::Quorum && d.returns > 0)
+                    .then_some(d.returns),
             });
         }
         if let Some((sink, delivery)) = batch {
