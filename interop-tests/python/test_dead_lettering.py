@@ -30,11 +30,11 @@ def _dlx_pair(ch, source_args=None, dlx_type="fanout", dlq_key=""):
     return src, dlx, dlq
 
 
-def _get(ch, q, timeout=5.0):
+def _get(ch, q, timeout=5.0, auto_ack=True):
     """basic.get until a message comes (dead-lettering is asynchronous)."""
     deadline = time.monotonic() + timeout
     while True:
-        method, props, body = ch.basic_get(q, auto_ack=True)
+        method, props, body = ch.basic_get(q, auto_ack=auto_ack)
         if method is not None:
             return method, props, body
         assert time.monotonic() < deadline, f"nothing reached {q} within {timeout} s"
@@ -254,13 +254,7 @@ def test_deaths_chain_and_repeat_deaths_count_up(broker):
         "x-dead-letter-exchange": "", "x-dead-letter-routing-key": q1})
     ch.basic_publish("", q1, b"loop", pika.BasicProperties(headers={"n": 1}))
     for round_ in (1, 2):
-        deadline = time.monotonic() + 5
-        while True:
-            method, p, body = ch.basic_get(q2)
-            if method is not None:
-                break
-            assert time.monotonic() < deadline, "the expired message did not reach q2"
-            time.sleep(0.02)
+        method, p, body = _get(ch, q2, auto_ack=False)
         deaths = p.headers["x-death"]
         assert [(d["queue"], d["reason"], d["count"]) for d in deaths] == (
             [(q1, "expired", 1)] if round_ == 1
@@ -303,13 +297,7 @@ def test_a_rejection_cycle_is_allowed(broker):
         "x-dead-letter-exchange": "", "x-dead-letter-routing-key": q})
     ch.basic_publish("", q, b"again")
     for n in range(4):
-        deadline = time.monotonic() + 5
-        while True:
-            method, p, body = ch.basic_get(q)
-            if method is not None:
-                break
-            assert time.monotonic() < deadline, f"the message did not come back ({n} rejections)"
-            time.sleep(0.02)
+        method, p, body = _get(ch, q, auto_ack=False)
         assert body == b"again"
         if n == 0:
             assert p.headers is None or "x-death" not in p.headers
