@@ -152,6 +152,21 @@ def test_without_a_limit_messages_come_back_forever(broker):
     conn.close()
 
 
+def test_returned_messages_go_to_the_back_in_the_order_they_came_back(broker):
+    conn, ch = _open(broker)
+    q = _quorum(ch)
+    ch.confirm_delivery()
+    for body in (b"a", b"b", b"c", b"d"):
+        ch.basic_publish("", q, body)
+    tags = [ch.basic_get(q)[0].delivery_tag for _ in range(3)]
+    ch.basic_reject(tags[2], requeue=True)
+    ch.basic_reject(tags[0], requeue=True)
+    ch.basic_publish("", q, b"e")
+    assert [ch.basic_get(q, auto_ack=True)[2] for _ in range(4)] == [b"d", b"c", b"a", b"e"]
+    ch.queue_delete(q)
+    conn.close()
+
+
 def test_global_qos_is_refused(broker):
     conn, ch = _open(broker)
     q = _quorum(ch)

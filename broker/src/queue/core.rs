@@ -98,13 +98,19 @@ struct ReadyEntry<M> {
 /// Level 0 is `base`; levels 1..=max are `higher[0..max]`, so a queue without priorities
 /// pays one comparison for them.
 ///
-/// Invariants: each level's entries are strictly increasing by `seq` and have that level as
-/// their `priority`; `higher_len` is the number of entries in `higher`, `len` the number in
-/// all levels, and `bytes` the sum of `sizer` over them (for `x-max-length-bytes`).
+/// With `returns_to_back` (quorum queues), a message that comes back goes to the back of the
+/// queue, behind everything ready, as in RabbitMQ 3.10's quorum queues; otherwise to its
+/// original place.
+///
+/// Invariants: each level's entries have that level as their `priority` and, unless
+/// `returns_to_back`, are strictly increasing by `seq`; `higher_len` is the number of entries
+/// in `higher`, `len` the number in all levels, and `bytes` the sum of `sizer` over them (for
+/// `x-max-length-bytes`).
 #[derive(Debug)]
 struct ReadyQueue<M> {
     base: ChunkedDeque<ReadyEntry<M>>,
     higher: Vec<ChunkedDeque<ReadyEntry<M>>>,
+    returns_to_back: bool,
     higher_len: usize,
     len: usize,
     bytes: u64,
@@ -116,6 +122,7 @@ impl<M> ReadyQueue<M> {
         ReadyQueue {
             base: ChunkedDeque::default(),
             higher: Vec::new(),
+            returns_to_back: false,
             higher_len: 0,
             len: 0,
             bytes: 0,
@@ -253,8 +260,9 @@ impl<M> ReadyQueue<M> {
     #[inline]
     fn unpop_front(&mut self, entry: ReadyEntry<M>) {
         self.entered(&entry);
+        let any_order = self.returns_to_back;
         let level = self.level_mut(entry.priority);
-        debug_assert!(level.front().is_none_or(|f| entry.seq < f.seq));
+        debug_assert!(any_order || level.front().is_none_or(|f| entry.seq < f.seq));
         level.push_front(entry);
     }
 
@@ -265,6 +273,14 @@ impl<M> ReadyQueue<M> {
     /// min(i, n - i) entries per message.
     fn requeue(&mut self, mut batch: Vec<ReadyEntry<M>>) {
         batch.sort_unstable_by_key(|e| e.seq);
+        if self.returns_to_back {
+            // A batch (a channel close, a `multiple` nack) goes in publish order.
+            for entry in batch {
+                self.entered(&entry);
+                self.level_mut(entry.priority).push_back(entry);
+            }
+            return;
+        }
         while let Some(entry) = batch.pop() {
             self.entered(&entry);
             let level = self.level_mut(entry.priority);
@@ -380,6 +396,13 @@ impl<M> QueueCore<M> {
     /// priority), priorities above `max` count as `max`. Set before any message is enqueued.
     pub fn set_max_priority(&mut self, max: u8) {
         self.ready.set_max_priority(max);
+    }
+
+    /// Messages that come back go to the back of the queue, in the order they came back
+    /// (quorum queues), instead of to their original place. Set before any message is
+    /// enqueued.
+    pub fn set_returns_to_back(&mut self) {
+        self.ready.returns_to_back = true;
     }
 
     /// Messages that come back (requeued unsettled) more than `limit` times leave the queue
@@ -725,7 +748,7 @@ impl<M> QueueCore<M> {
         for (p, level) in self.ready.levels() {
             let seqs: Vec<MsgSeq> = level.iter().map(|e| e.seq).collect();
             assert!(
-                seqs.windows(2).all(|w| w[0] < w[1]),
+                self.ready.returns_to_back || seqs.windows(2).all(|w| w[0] < w[1]),
                 "each level sorted by seq"
             );
             assert!(level.iter().all(|e| usize::from(e.priority) == p));
@@ -1060,6 +1083,41 @@ mod tests {
         assert_eq!(q.take_over_limit(), vec![8]);
         assert!(q.take_over_limit().is_empty());
         assert_eq!(ready(&q), [(2, 9, true)]);
+        q.check_invariants();
+    }
+
+    #[test]
+    fn returns_to_back_queues_returned_messages_behind_everything_in_return_order() {
+        let mut q = QueueCore::new();
+        q.set_returns_to_back();
+        for m in 0..5 {
+            q.publish(m, 0);
+        }
+        let got: Vec<GetResult<u32>> = (0..3)
+            .map(|_| q.get(ChannelKey(1), false).unwrap())
+            .collect();
+        // 2 comes back, then 0: behind 3 and 4, in that order; a later publish behind them.
+        assert_eq!(q.reject(got[2].seq, true), Some(Rejected::Requeued));
+        assert_eq!(q.reject(got[0].seq, true), Some(Rejected::Requeued));
+        q.publish(5, 0);
+        assert_eq!(
+            ready(&q).iter().map(|e| e.1).collect::<Vec<_>>(),
+            [3, 4, 2, 0, 5]
+        );
+        q.check_invariants();
+        // Taken and put back (no consumer can take it): still first.
+        q.add_consumer(spec(2, "c", 1)).unwrap();
+        let d = drain(&mut q);
+        assert_eq!(d.iter().map(|d| d.msg).collect::<Vec<_>>(), [3]);
+        assert_eq!(q.front(), Some(&4));
+        // A batch (channel close, then the get of channel 1) comes back in publish order.
+        assert_eq!(q.channel_closed(ChannelKey(2)).requeued, 1);
+        assert_eq!(q.requeue([got[1].seq]), 1);
+        assert_eq!(
+            ready(&q).iter().map(|e| e.1).collect::<Vec<_>>(),
+            [4, 2, 0, 5, 3, 1]
+        );
+        assert_eq!(q.purge(), vec![4, 2, 0, 5, 3, 1]);
         q.check_invariants();
     }
 

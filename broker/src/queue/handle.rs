@@ -227,6 +227,9 @@ impl RecoveredIndex {
         if let Some(limit) = limits.delivery_limit {
             core.set_delivery_limit(limit);
         }
+        if QueueKind::from_arguments(arguments) == QueueKind::Quorum {
+            core.set_returns_to_back();
+        }
         RecoveredIndex(core)
     }
 
@@ -664,6 +667,9 @@ impl Queue {
         }
         if let Some(limit) = props.limits.delivery_limit {
             core.set_delivery_limit(limit);
+        }
+        if props.kind == QueueKind::Quorum {
+            core.set_returns_to_back();
         }
         Arc::new(Queue {
             name,
