@@ -4,7 +4,7 @@
 #
 #   scripts/bench-compare.sh [--rounds N] [--quick] [--duration SECS] [--scenarios abcdefgh]
 #                            [--brokers "warren rabbitmq garagemq"] [--h-messages N]
-#                            [--out FILE] [--no-build] [--keep]
+#                            [--out FILE] [--no-build] [--keep] [--no-isolate]
 #
 # Builds the release binaries once (warren, warren-perf), installs rabbitmq-server and
 # garagemq with apt-get when missing, starts each broker on its own 127.0.0.1 port with its
@@ -24,6 +24,9 @@
 #       graceful stop, restart time (until a passive declare shows all N), drain time
 #
 # --quick: 3 s per run, 1 round, 100,000 messages in (h): a smoke run.
+# While one broker runs a scenario the others are paused (SIGSTOP, then SIGCONT), so that
+# their idle work (the Erlang VM's spinning schedulers, Go's runtime) does not take the
+# shared cores from the broker under test; --no-isolate leaves them running.
 # Every run is bounded by `timeout`; all traffic stays on 127.0.0.1.
 set -euo pipefail
 
@@ -38,6 +41,7 @@ OUT="$ROOT/docs/performance.md"
 BUILD=1
 KEEP=0
 QUICK=0
+ISOLATE=1
 rounds_set=0 duration_set=0 h_set=0
 
 usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -53,6 +57,7 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
+    --no-isolate) ISOLATE=0; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench-compare.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -83,8 +88,27 @@ source "$ROOT/scripts/bench/brokers.sh"
 note() { bench_log "$*"; echo "$*" >>"$NOTES"; }
 
 STARTED=()
+# pause_others BROKER: SIGSTOP every other started broker (with --no-isolate: nothing).
+pause_others() {
+  ((ISOLATE)) || return 0
+  local o pid
+  for o in "${STARTED[@]}"; do
+    [[ $o == "$1" ]] && continue
+    pid=$(broker_pid "$o" 2>/dev/null || true)
+    [[ -n $pid ]] && kill -STOP "$pid" 2>/dev/null || true
+  done
+}
+resume_all() {
+  local o pid
+  for o in "${STARTED[@]}"; do
+    pid=$(broker_pid "$o" 2>/dev/null || true)
+    [[ -n $pid ]] && kill -CONT "$pid" 2>/dev/null || true
+  done
+}
 cleanup() {
   local b
+  # A stopped process would hold a SIGTERM pending forever.
+  resume_all
   for b in "${STARTED[@]}"; do broker_stop "$b" || true; done
   if ((KEEP)); then
     bench_log "state and logs kept in $WORK"
@@ -266,16 +290,23 @@ run_durability() {
 }
 
 bench_log "brokers: ${ACTIVE[*]}; scenarios: $SCENARIOS; rounds: $ROUNDS; ${DURATION}s per run"
+if ((ISOLATE)); then
+  note "Isolation: while one broker runs a scenario, the other brokers' processes are paused (SIGSTOP) and resumed after it (SIGCONT); --no-isolate turns this off."
+else
+  note "Isolation: off (--no-isolate): every broker keeps running while another is measured."
+fi
 BENCH_START=$SECONDS
 for ((r = 1; r <= ROUNDS; r++)); do
   for ((i = 0; i < ${#SCENARIOS}; i++)); do
     s=${SCENARIOS:i:1}
     for b in "${ACTIVE[@]}"; do
+      pause_others "$b"
       case $s in
         [a-g]) run_throughput "$b" "$r" "$s" ;;
         h) run_durability "$b" "$r" ;;
         *) bench_log "unknown scenario '$s'"; exit 2 ;;
       esac
+      resume_all
       ensure_up "$b"
     done
   done
