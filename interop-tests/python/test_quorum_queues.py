@@ -167,6 +167,25 @@ def test_returned_messages_go_to_the_back_in_the_order_they_came_back(broker):
     conn.close()
 
 
+def test_a_closed_channel_s_messages_go_back_to_their_place(broker):
+    """Unlike a client's own return: after rejecting b (to the back), closing the channel
+    puts a and c back where they were."""
+    conn, ch = _open(broker)
+    q = _quorum(ch)
+    ch.confirm_delivery()
+    for body in (b"a", b"b", b"c", b"d", b"e"):
+        ch.basic_publish("", q, body)
+    gch = conn.channel()
+    tags = [gch.basic_get(q)[0].delivery_tag for _ in range(3)]
+    gch.basic_reject(tags[1], requeue=True)
+    gch.close()
+    got = [ch.basic_get(q, auto_ack=True) for _ in range(5)]
+    assert [(b, m.redelivered) for m, _p, b in got] == [
+        (b"a", True), (b"c", True), (b"d", False), (b"e", False), (b"b", True)]
+    ch.queue_delete(q)
+    conn.close()
+
+
 def test_global_qos_is_refused(broker):
     conn, ch = _open(broker)
     q = _quorum(ch)

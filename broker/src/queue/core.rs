@@ -271,9 +271,9 @@ impl<M> ReadyQueue<M> {
     /// O(k) when all of them sort before the current head (the usual case: requeued messages
     /// are older than what is still waiting); otherwise a binary search plus a shift of
     /// min(i, n - i) entries per message.
-    fn requeue(&mut self, mut batch: Vec<ReadyEntry<M>>) {
+    fn requeue(&mut self, mut batch: Vec<ReadyEntry<M>>, to_back: bool) {
         batch.sort_unstable_by_key(|e| e.seq);
-        if self.returns_to_back {
+        if to_back {
             // A batch (a channel close, a `multiple` nack) goes in publish order.
             for entry in batch {
                 self.entered(&entry);
@@ -398,8 +398,9 @@ impl<M> QueueCore<M> {
         self.ready.set_max_priority(max);
     }
 
-    /// Messages that come back go to the back of the queue, in the order they came back
-    /// (quorum queues), instead of to their original place. Set before any message is
+    /// Messages a client returns (reject, nack, recover) go to the back of the queue, in the
+    /// order they came back (quorum queues), instead of to their original place; those of a
+    /// closed channel still go back to their original place. Set before any message is
     /// enqueued.
     pub fn set_returns_to_back(&mut self) {
         self.ready.returns_to_back = true;
@@ -594,7 +595,8 @@ impl<M> QueueCore<M> {
         if requeue {
             match self.returned(seq, unacked) {
                 Ok(entry) => {
-                    self.ready.requeue(vec![entry]);
+                    let to_back = self.ready.returns_to_back;
+                    self.ready.requeue(vec![entry], to_back);
                     Some(Rejected::Requeued)
                 }
                 Err(msg) => Some(Rejected::OverDeliveryLimit(msg)),
@@ -604,10 +606,17 @@ impl<M> QueueCore<M> {
         }
     }
 
-    /// Requeues unacked messages (basic.nack multiple, basic.recover requeue=true) to their
-    /// original positions with `redelivered` set; unknown seqs are ignored. Returns how many
-    /// were requeued; those over the delivery limit leave for [`Self::take_over_limit`].
+    /// Requeues unacked messages (basic.nack multiple, basic.recover requeue=true) with
+    /// `redelivered` set, to their original positions (to the back with
+    /// [`Self::set_returns_to_back`]); unknown seqs are ignored. Returns how many were
+    /// requeued; those over the delivery limit leave for [`Self::take_over_limit`].
     pub fn requeue(&mut self, seqs: impl IntoIterator<Item = MsgSeq>) -> usize {
+        let to_back = self.ready.returns_to_back;
+        self.put_back(seqs, to_back)
+    }
+
+    /// [`Self::requeue`], to the back or to the original positions.
+    fn put_back(&mut self, seqs: impl IntoIterator<Item = MsgSeq>, to_back: bool) -> usize {
         let mut batch: Vec<ReadyEntry<M>> = Vec::new();
         for seq in seqs {
             if let Some(u) = self.settle(seq) {
@@ -618,7 +627,7 @@ impl<M> QueueCore<M> {
             }
         }
         let n = batch.len();
-        self.ready.requeue(batch);
+        self.ready.requeue(batch, to_back);
         n
     }
 
@@ -632,7 +641,9 @@ impl<M> QueueCore<M> {
             .get(&channel)
             .map(|set| set.iter().copied().collect::<Vec<_>>())
             .unwrap_or_default();
-        let requeued = self.requeue(seqs);
+        // Always to their original positions: in RabbitMQ 3.10's quorum queues too, only a
+        // client's own return (reject, nack, recover) sends a message to the back.
+        let requeued = self.put_back(seqs, false);
         let lost_last_consumer = !cancelled.is_empty() && self.consumers.is_empty();
         ClosedOutcome {
             cancelled,
@@ -1110,14 +1121,15 @@ mod tests {
         let d = drain(&mut q);
         assert_eq!(d.iter().map(|d| d.msg).collect::<Vec<_>>(), [3]);
         assert_eq!(q.front(), Some(&4));
-        // A batch (channel close, then the get of channel 1) comes back in publish order.
+        // A closed channel's messages go back to their original place (3 before 4); a
+        // client's return to the back (1).
         assert_eq!(q.channel_closed(ChannelKey(2)).requeued, 1);
         assert_eq!(q.requeue([got[1].seq]), 1);
         assert_eq!(
             ready(&q).iter().map(|e| e.1).collect::<Vec<_>>(),
-            [4, 2, 0, 5, 3, 1]
+            [3, 4, 2, 0, 5, 1]
         );
-        assert_eq!(q.purge(), vec![4, 2, 0, 5, 3, 1]);
+        assert_eq!(q.purge(), vec![3, 4, 2, 0, 5, 1]);
         q.check_invariants();
     }
 
